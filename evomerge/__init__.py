@@ -1,0 +1,3 @@
+"""evomerge: evolutionary search over model-merge recipes."""
+
+__version__ = "0.1.0"

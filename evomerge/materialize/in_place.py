@@ -1,0 +1,69 @@
+"""The search's hot path: write a candidate's merged weights into a loaded model, in place, on its device.
+
+Sources stay resident on the model's device in the form the method reads (task vectors are computed
+once, here, not per candidate); each candidate costs one method call per tensor and a copy into the
+parameter, with temporaries the size of one tensor, never a second model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.materialize.plan import method_kwargs, validate
+from evomerge.materialize.sources import MergeSources
+from evomerge.methods import MergeMethod
+from evomerge.recipe.recipe import Recipe
+
+
+class InPlaceMerger:
+    """Holds one recipe family's sources on ``model``'s device and overwrites ``model`` per candidate."""
+
+    def __init__(self, *, model: torch.nn.Module, template: Recipe) -> None:
+        method = validate(template)
+        sources = MergeSources.open(template, method)
+        parameters = dict(model.named_parameters())
+        missing = [name for name in sources.reference.names if name not in parameters]
+        if missing:
+            raise EvomergeError(
+                f"the loaded model has no parameter '{missing[0]}' that the checkpoints hold",
+                "load the model from the base checkpoint of the recipe (same architecture and tensor names)",
+            )
+        first = parameters[sources.reference.names[0]]
+        self.model = model
+        self.device, self.dtype = first.device, first.dtype
+        self.inputs = method.inputs
+        self.num_layers = sources.reference.num_layers
+        self._key = _source_key(template)
+        self._targets = {name: parameters[name] for name in sources.reference.names}
+        self._resident: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        with torch.no_grad():
+            for name in self._targets:
+                self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self._resident.values() for t in pair if t is not None)
+
+    def materialize(self, recipe: Recipe) -> None:
+        """Overwrite the model's weights with ``recipe``'s merge of the resident sources."""
+        method = self._check(recipe)
+        with torch.no_grad():
+            for name, target in self._targets.items():
+                base, stacked = self._resident[name]
+                kwargs = method_kwargs(
+                    recipe, method, name, num_layers=self.num_layers, device=self.device, dtype=self.dtype
+                )
+                target.copy_(method.fn(base, stacked, **kwargs))
+
+    def _check(self, recipe: Recipe) -> MergeMethod:
+        method = validate(recipe)
+        if _source_key(recipe) != self._key or method.inputs != self.inputs:
+            raise EvomergeError(
+                "the candidate recipe merges other models (or needs other inputs) than the resident sources",
+                "build a new InPlaceMerger for that set of models and that family of methods",
+            )
+        return method
+
+
+def _source_key(recipe: Recipe) -> tuple[str | None, tuple[str, ...]]:
+    return recipe.base if validate(recipe).needs_base else None, tuple(recipe.model_paths)

@@ -1,0 +1,79 @@
+"""Model Breadcrumbs: drop each task vector's largest outliers and smallest entries, then add
+(breadcrumbs) or TIES-merge (breadcrumbs_ties) what remains."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import (
+    DENSITY,
+    GAMMA,
+    INT8_MASK,
+    LAMBDA,
+    NORMALIZE_OFF,
+    RESCALE_OFF,
+    WEIGHT,
+    merge_method,
+)
+from evomerge.methods.sparsify import magnitude_outliers
+from evomerge.methods.task_arithmetic import merge_task_vectors
+
+_REFERENCE = "https://arxiv.org/abs/2312.06795"
+
+
+def _crumbs(deltas: torch.Tensor, density: torch.Tensor, gamma: torch.Tensor, rescale: bool) -> torch.Tensor:
+    kept = torch.empty_like(deltas)
+    for delta, keep, outliers, out in zip(deltas, density.tolist(), gamma.tolist(), kept, strict=True):
+        magnitude_outliers(delta, keep, outliers, out, rescale=rescale)
+    return kept
+
+
+@merge_method(
+    name="breadcrumbs",
+    reference=_REFERENCE,
+    params=(WEIGHT, DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF, LAMBDA),
+    inputs="deltas",
+    needs_base=True,
+)
+def breadcrumbs(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    gamma: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
+    kept = _crumbs(deltas, density, gamma, rescale)
+    return merge_task_vectors(
+        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=True
+    )
+
+
+@merge_method(
+    name="breadcrumbs_ties",
+    reference=_REFERENCE,
+    params=(WEIGHT, DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF, LAMBDA, INT8_MASK),
+    inputs="deltas",
+    needs_base=True,
+)
+def breadcrumbs_ties(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    gamma: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+) -> torch.Tensor:
+    """Model Breadcrumbs with TIES sign election (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
+    kept = _crumbs(deltas, density, gamma, rescale)
+    return merge_task_vectors(
+        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
+    )

@@ -1,0 +1,90 @@
+"""DELLA: drop task-vector entries at random with probabilities ranked by magnitude (MagPrune), rescale,
+then TIES-merge (della) or add (della_linear) what remains."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import (
+    DENSITY,
+    EPSILON,
+    INT8_MASK,
+    LAMBDA,
+    NORMALIZE_OFF,
+    NORMALIZE_ON,
+    RESCALE_ON,
+    WEIGHT,
+    merge_method,
+)
+from evomerge.methods.sparsify import della_magprune
+from evomerge.methods.task_arithmetic import merge_task_vectors
+
+_REFERENCE = "https://arxiv.org/abs/2406.11617"
+
+
+def _magprune(
+    deltas: torch.Tensor,
+    density: torch.Tensor,
+    epsilon: torch.Tensor,
+    rescale: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    pruned = torch.empty_like(deltas)
+    for delta, keep, spread, out in zip(deltas, density.tolist(), epsilon.tolist(), pruned, strict=True):
+        della_magprune(delta, keep, spread, out, rescale=rescale, generator=generator)
+    return pruned
+
+
+@merge_method(
+    name="della",
+    reference=_REFERENCE,
+    params=(WEIGHT, DENSITY, EPSILON, NORMALIZE_ON, RESCALE_ON, LAMBDA, INT8_MASK),
+    inputs="deltas",
+    needs_base=True,
+    random=True,
+)
+def della(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    epsilon: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA-Merging (Deep et al. 2024, https://arxiv.org/abs/2406.11617) with TIES sign election."""
+    pruned = _magprune(deltas, density, epsilon, rescale, generator)
+    return merge_task_vectors(
+        base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
+    )
+
+
+@merge_method(
+    name="della_linear",
+    reference=_REFERENCE,
+    params=(WEIGHT, DENSITY, EPSILON, NORMALIZE_OFF, RESCALE_ON, LAMBDA),
+    inputs="deltas",
+    needs_base=True,
+    random=True,
+)
+def della_linear(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    epsilon: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA-Merging: magnitude-based sampling (Deep et al. 2024, https://arxiv.org/abs/2406.11617)."""
+    pruned = _magprune(deltas, density, epsilon, rescale, generator)
+    return merge_task_vectors(
+        base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=True
+    )

@@ -1,0 +1,175 @@
+"""The registry of merge methods: each method declares its parameters once, here, and nowhere else.
+
+The genome derives its search space from these declarations, recipes are validated against them,
+and the mergekit writer uses them to decide what is expressible; there is no second table.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from evomerge.errors import EvomergeError
+
+Inputs = Literal["tensors", "deltas"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob of a merge method.
+
+    ``per_model`` knobs (weight, density, ...) take one value per non-base model and may vary by layer
+    (a gradient) and by tensor-name filter; global knobs (lambda, t, normalize, ...) take one value for
+    the whole merge (numeric ones may still vary by layer and filter). ``low``/``high`` bound what is
+    valid; ``search`` is the range a genome explores by default.
+    """
+
+    name: str
+    per_model: bool
+    default: float | bool | None
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    search: tuple[float, float] | None = None
+
+    @property
+    def arg(self) -> str:
+        """The keyword the method function receives (``lambda`` is a Python keyword: ``lambda_``)."""
+        return f"{self.name}_" if keyword.iskeyword(self.name) else self.name
+
+    def check(self, value: float | bool, where: str) -> None:
+        """Raise a user-facing error when ``value`` is outside what this parameter allows."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise EvomergeError(
+                    f"{where}: parameter '{self.name}' must be true or false, got {value!r}",
+                    f"write '{self.name}: true' or '{self.name}: false'",
+                )
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EvomergeError(
+                f"{where}: parameter '{self.name}' must be a finite number, got {value!r}",
+                f"give '{self.name}' a number{self._range_text()}",
+            )
+        below = self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive))
+        above = self.high is not None and value > self.high
+        if below or above:
+            raise EvomergeError(
+                f"{where}: parameter '{self.name}' = {value} is out of range",
+                f"use a value{self._range_text()}",
+            )
+
+    def _range_text(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        left = ("[" if self.low_inclusive else "(") + (str(self.low) if self.low is not None else "-inf")
+        right = (str(self.high) if self.high is not None else "inf") + "]"
+        return f" in {left}, {right}"
+
+
+# The knobs shared across methods, defined once so every method means the same thing by each name.
+WEIGHT = Param("weight", per_model=True, default=None, low=None, search=(0.0, 1.5))
+DENSITY = Param(
+    "density", per_model=True, default=1.0, low=0.0, high=1.0, low_inclusive=False, search=(0.05, 1.0)
+)
+# DELLA also needs density - epsilon > 0 and density + epsilon < 1 (unless density is 1); a range per
+# parameter cannot say that, so della checks the pair when it runs.
+EPSILON = Param("epsilon", per_model=True, default=0.15, low=0.0, high=0.5, search=(0.0, 0.2))
+GAMMA = Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0, search=(0.0, 0.1))
+# mergekit takes any real lambda: a negative one subtracts the merged task vector (task negation).
+LAMBDA = Param("lambda", per_model=False, default=1.0, search=(0.5, 1.5))
+T = Param("t", per_model=False, default=None, low=0.0, high=1.0, search=(0.0, 1.0))
+NORMALIZE_ON = Param("normalize", per_model=False, default=True, kind=bool)
+NORMALIZE_OFF = Param("normalize", per_model=False, default=False, kind=bool)
+INT8_MASK = Param("int8_mask", per_model=False, default=False, kind=bool)
+RESCALE_ON = Param("rescale", per_model=False, default=True, kind=bool)
+RESCALE_OFF = Param("rescale", per_model=False, default=False, kind=bool)
+FILTER_WISE = Param("filter_wise", per_model=False, default=False, kind=bool)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: a pure tensor function plus what it needs.
+
+    ``inputs == "deltas"``: ``fn(base, deltas, **params)`` receives the base tensor and the stacked
+    task vectors ``deltas[i] = model_i - base`` (shape ``[N, *shape]``). ``inputs == "tensors"``:
+    ``fn(base, tensors, **params)`` receives the stacked raw tensors of the non-base models and the base
+    tensor (or None when the method needs no base). Per-model parameters arrive as a 1-D float tensor
+    of length N on the inputs' device; global ones as Python scalars. Random methods also receive a
+    ``generator``.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    inputs: Inputs
+    needs_base: bool
+    random: bool
+    reference: str
+    min_models: int = 1
+    max_models: int | None = None
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        allowed = ", ".join(p.name for p in self.params) or "none"
+        raise EvomergeError(
+            f"merge method '{self.name}' has no parameter '{name}'",
+            f"use one of its parameters ({allowed}) or pick another method",
+        )
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    *,
+    name: str,
+    reference: str,
+    params: tuple[Param, ...],
+    inputs: Inputs,
+    needs_base: bool,
+    random: bool = False,
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method '{name}' is registered twice ({_REGISTRY[name].fn} and {fn})")
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            params=params,
+            inputs=inputs,
+            needs_base=needs_base,
+            random=random,
+            reference=reference,
+            min_models=min_models,
+            max_models=max_models,
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered under ``name``, or a user-facing error listing the known ones."""
+    if name not in _REGISTRY:
+        raise EvomergeError(
+            f"unknown merge method '{name}'",
+            f"use one of: {', '.join(sorted(_REGISTRY))}",
+        )
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,57 @@
+"""Spherical linear interpolation between the base tensor and one other model's, over the whole
+flattened tensor, as mergekit 0.1.5 computes it."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import T, merge_method
+
+# mergekit's constants: norms at or below _NORM_EPS count as 1 (a zero tensor stays finite), and
+# |cos| above _COLINEAR falls back to linear interpolation, where sin(theta) would vanish.
+_NORM_EPS = 1e-8
+_COLINEAR = 0.9995
+# For 16-bit inputs the statistics and the result are computed in float32, a chunk at a time, so the
+# float32 copies stay this small (as in mergekit) instead of doubling the tensors.
+_CHUNK = 1 << 20
+
+
+@merge_method(
+    name="slerp",
+    reference="https://en.wikipedia.org/wiki/Slerp",
+    params=(T,),
+    inputs="tensors",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+)
+def slerp(base: torch.Tensor, tensors: torch.Tensor, *, t: float) -> torch.Tensor:
+    """Slerp (Shoemake 1985, https://en.wikipedia.org/wiki/Slerp), t=0 gives the base, t=1 the other model."""
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a = base.reshape(-1)
+    b = tensors[0].reshape(-1)
+    chunk = a.numel() if base.dtype == work else _CHUNK
+    spans = [(start, start + chunk) for start in range(0, a.numel(), max(chunk, 1))]
+
+    aa = bb = ab = torch.zeros((), dtype=work, device=a.device)
+    for start, stop in spans:
+        x, y = a[start:stop].to(work), b[start:stop].to(work)
+        aa, bb, ab = aa + torch.dot(x, x), bb + torch.dot(y, y), ab + torch.dot(x, y)
+    norm_a, norm_b = aa.sqrt(), bb.sqrt()
+    norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1.0)
+    norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1.0)
+    cos = (ab / (norm_a * norm_b)).clamp(-1, 1)
+
+    colinear = cos.abs() > _COLINEAR
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    sin_theta = torch.sin(theta)
+    # torch.where on device scalars rather than an `if`: no host sync in the inner loop.
+    coef_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+
+    if base.dtype == work:
+        return (a * coef_a).addcmul_(b, coef_b).view(base.shape)
+    out = torch.empty_like(a)
+    for start, stop in spans:
+        out[start:stop] = (a[start:stop].to(work) * coef_a).addcmul_(b[start:stop].to(work), coef_b)
+    return out.view(base.shape)

@@ -1,0 +1,168 @@
+"""Sparsifying one task vector: which entries survive, and how the survivors are rescaled.
+
+Each function writes the sparsified ``delta`` into ``out`` (same shape and dtype) and leaves ``delta``
+untouched. Keep ratios arrive as host floats: the number of kept entries is a host integer that slices a
+sort order, and a ratio of 1 (or more) copies the task vector without drawing anything, exactly as
+mergekit does, so a seeded generator is consumed the same way mergekit consumes torch's global one.
+
+``rescale`` follows mergekit 0.1.5, which matches the L1 norm of the original task vector
+(``masked * |delta|_1 / |masked|_1``), not the papers' element-wise ``1 / p``; for large tensors the two
+agree, and both keep the expected merge close to the unpruned one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.errors import EvomergeError
+
+# mergekit's threshold below which an L1 norm counts as zero and the masked vector is left unscaled.
+_RESCALE_EPS = 1e-7
+
+
+def rescale_l1_(pruned: torch.Tensor, original: torch.Tensor) -> None:
+    """Scale ``pruned`` in place so its L1 norm equals ``original``'s (unless either norm is ~0)."""
+    before = torch.linalg.vector_norm(original, ord=1)
+    after = torch.linalg.vector_norm(pruned, ord=1)
+    # torch.where, not an `if`, so no host sync: the ratio's inf/nan on the unselected side is discarded.
+    degenerate = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    pruned.mul_(torch.where(degenerate, 1.0, before / after))
+
+
+def magnitude(delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale: bool) -> None:
+    """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES' trim step)."""
+    if density >= 1:
+        out.copy_(delta)
+        return
+    if density <= 0 or delta.numel() == 0:
+        out.zero_()
+        return
+    kept = max(1, int(density * delta.numel()))
+    order = torch.argsort(_sort_key(delta), descending=True)
+    _keep_only(delta, order[:kept], out)
+    if rescale:
+        rescale_l1_(out, delta)
+
+
+def magnitude_outliers(
+    delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor, *, rescale: bool
+) -> None:
+    """Model Breadcrumbs: drop the ``gamma`` largest-magnitude fraction and the smallest entries,
+    keeping ``int(density * numel)``; when ``density + gamma > 1`` fewer outliers are dropped so the
+    kept count still holds (mergekit's rule). ``density >= 1`` keeps everything, outliers included."""
+    if density >= 1:
+        out.copy_(delta)
+        return
+    count = delta.numel()
+    kept = int(density * count)
+    dropped_top = int(gamma * count)
+    dropped_bottom = max(0, count - kept - dropped_top)
+    order = torch.argsort(_sort_key(delta))
+    _keep_only(delta, order[dropped_bottom : dropped_bottom + kept], out)
+    if rescale:
+        rescale_l1_(out, delta)
+
+
+def random_drop(
+    delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale: bool, generator: torch.Generator
+) -> None:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        out.copy_(delta)
+        return
+    work = _draw_dtype(delta)
+    keep_probability = torch.full((), density, dtype=work, device=delta.device).expand(delta.shape)
+    _draw_and_mask(delta, keep_probability, out, rescale=rescale, generator=generator)
+
+
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    out: torch.Tensor,
+    *,
+    rescale: bool,
+    generator: torch.Generator,
+) -> None:
+    """DELLA's MagPrune: keep each entry with a probability rising linearly with its magnitude rank,
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    Ranks run along dim 1 (within each row of a matrix; over the whole of a 1-D tensor), as in
+    mergekit. A row of one entry has no rank spread; mergekit fails there (0/0), we keep it with
+    probability ``density``.
+    """
+    if density >= 1:
+        out.copy_(delta)
+        return
+    if density <= 0:
+        out.zero_()
+        return
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise EvomergeError(
+            f"della: density {density:g} with epsilon {epsilon:g} gives keep probabilities outside (0, 1)",
+            "choose epsilon < min(density, 1 - density), e.g. a smaller epsilon",
+        )
+    work = _draw_dtype(delta)
+    rows = delta if delta.ndim >= 2 else delta.reshape(1, -1)
+    width = rows.shape[1]
+    if width == 1:
+        probability = torch.full(rows.shape, density, dtype=work, device=delta.device)
+    else:
+        # Ranks 1..width exactly as mergekit rounds them in the working dtype (bf16 rounds large ranks),
+        # so min/max normalisation and hence the probabilities agree with it in every dtype.
+        rank_values = torch.arange(width, device=delta.device).to(work) + 1
+        along_dim1 = [1] * rows.ndim
+        along_dim1[1] = width
+        order = torch.argsort(rows.abs(), dim=1)
+        ranks = torch.empty(order.shape, dtype=work, device=delta.device)
+        # The inverse permutation of the sort order is each entry's rank (one sort instead of two).
+        ranks.scatter_(1, order, rank_values.view(along_dim1).expand(order.shape))
+        lowest, highest = rank_values.min(), rank_values.max()
+        probability = ranks.sub_(lowest).div_(highest - lowest).clamp_(0, 1)
+        probability.mul_(2).mul_(epsilon).add_(density - epsilon)
+    _draw_and_mask(rows, probability, out.view(rows.shape), rescale=rescale, generator=generator)
+
+
+def _draw_and_mask(
+    delta: torch.Tensor,
+    keep_probability: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    rescale: bool,
+    generator: torch.Generator,
+) -> None:
+    """Bernoulli-mask ``delta`` into ``out`` (one draw per entry, in memory order, like mergekit)."""
+    if keep_probability.dtype == out.dtype:
+        out.bernoulli_(keep_probability, generator=generator).mul_(delta)
+        if rescale:
+            rescale_l1_(out, delta)
+        return
+    original = delta.to(keep_probability.dtype)
+    masked = torch.bernoulli(keep_probability, generator=generator).mul_(original)
+    if rescale:
+        rescale_l1_(masked, original)
+    out.copy_(masked)
+
+
+def _keep_only(delta: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = ``delta`` at the flat indices ``kept``, zero elsewhere."""
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask[kept] = True
+    torch.mul(delta, mask.view(delta.shape), out=out)
+
+
+def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+    """Flat magnitudes to sort. mergekit sorts a float32 copy on CPU; the upcast is exact for 16-bit
+    floats, and sorting the same values with the same kernel breaks magnitude ties the same way."""
+    key = delta.abs().reshape(-1)
+    if key.device.type == "cpu" and key.dtype in (torch.float16, torch.bfloat16):
+        key = key.float()
+    return key
+
+
+def _draw_dtype(delta: torch.Tensor) -> torch.dtype:
+    """The dtype of keep probabilities and masks: the input's, except float16 on CPU, where torch has
+    no Bernoulli kernel and mergekit draws in float32."""
+    if delta.device.type == "cpu" and delta.dtype == torch.float16:
+        return torch.float32
+    return delta.dtype

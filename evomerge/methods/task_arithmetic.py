@@ -1,0 +1,70 @@
+"""Task arithmetic, and the weighted sum of task vectors that TIES, DARE, Breadcrumbs and DELLA end with.
+
+mergekit 0.1.5 runs all of these through one routine (its generalized task arithmetic): sparsify each
+task vector, multiply by its weight, optionally keep only entries agreeing with the elected sign, sum,
+optionally divide by the sum of the (agreeing) weights, multiply by lambda, add to the base.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import LAMBDA, NORMALIZE_OFF, WEIGHT, merge_method
+from evomerge.methods.sign_consensus import agreement_mask
+
+# mergekit leaves the sum unnormalised where the weights cancel (|sum| < 1e-8) instead of dividing by ~0.
+_ZERO_WEIGHT_SUM = 1e-8
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    normalize: bool,
+    lambda_: float,
+    sign_consensus: bool,
+    owned: bool,
+) -> torch.Tensor:
+    """``base + lambda * sum_i w_i delta_i`` (divided by the summed weights when ``normalize``).
+
+    With ``sign_consensus`` only the entries of ``w_i delta_i`` whose sign matches the elected sign
+    enter the sum, and the divisor is, per entry, the sum of the weights that entered (1 where none
+    did). ``owned`` says ``deltas`` is a temporary of the caller's that may be overwritten.
+    """
+    count = deltas.shape[0]
+    flat = deltas.reshape(count, -1)
+    # mergekit multiplies in the task vectors' dtype, so the weights are rounded to it as well.
+    weights = weight.to(deltas.dtype)
+    if not sign_consensus:
+        divisor = weights.sum()
+        divisor = torch.where(divisor.abs() < _ZERO_WEIGHT_SUM, 1.0, divisor)
+        coefficients = weights * lambda_ / divisor if normalize else weights * lambda_
+        # One fused pass over the task vectors: base + deltas^T @ coefficients.
+        return torch.addmv(base.reshape(-1), flat.T, coefficients).view(base.shape)
+
+    weighted = flat.mul_(weights[:, None]) if owned else flat * weights[:, None]
+    agree = agreement_mask(weighted).to(weighted.dtype)
+    mixed = weighted.mul_(agree).sum(dim=0)
+    if normalize:
+        divisor = weights @ agree
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base.reshape(-1)).view(base.shape)
+
+
+@merge_method(
+    name="task_arithmetic",
+    reference="https://arxiv.org/abs/2212.04089",
+    params=(WEIGHT, NORMALIZE_OFF, LAMBDA),
+    inputs="deltas",
+    needs_base=True,
+)
+def task_arithmetic(
+    base: torch.Tensor, deltas: torch.Tensor, *, weight: torch.Tensor, normalize: bool, lambda_: float
+) -> torch.Tensor:
+    """Editing models with task arithmetic (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)."""
+    return merge_task_vectors(
+        base, deltas, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=False
+    )

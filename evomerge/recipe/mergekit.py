@@ -1,0 +1,77 @@
+"""mergekit's YAML (the ``models:`` form) to a Recipe and back."""
+
+from __future__ import annotations
+
+from evomerge.errors import EvomergeError
+from evomerge.methods import get_method
+from evomerge.recipe.recipe import ModelEntry, Recipe, _check_dtype
+from evomerge.recipe.setting import Setting
+
+_SUPPORTED = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
+
+
+def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
+    unsupported = set(data) - _SUPPORTED
+    if unsupported:
+        raise EvomergeError(
+            f"{where}: mergekit key(s) {sorted(unsupported)} are not supported by evomerge "
+            "(it reads the 'models:' form, not 'slices:' or 'modules:')",
+            "rewrite the config with 'models:', or run that one with mergekit",
+        )
+    method = get_method(str(data["merge_method"]))
+    base = data.get("base_model")
+    entries = []
+    for i, item in enumerate(data.get("models") or []):
+        if not isinstance(item, dict) or "model" not in item:
+            raise EvomergeError(f"{where}: models[{i}] has no 'model'", "write '- model: path/to/model'")
+        path = str(item["model"])
+        if "+" in path and not path.startswith(("/", ".")):
+            raise EvomergeError(f"{where}: '{path}' applies a LoRA, which evomerge does not", "merge the LoRA first")
+        params = item.get("parameters") or {}
+        # mergekit lists the base among the models for methods that need one; its task vector is
+        # zero and it takes no part, so the base is kept apart and only its parameters are dropped.
+        if method.needs_base and base is not None and path == str(base):
+            continue
+        settings = {k: Setting.from_plain(v, where=f"{where}: models[{i}].{k}") for k, v in params.items()}
+        entries.append(ModelEntry(model=path, parameters=settings))
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer == "union":
+        raise EvomergeError(
+            f"{where}: tokenizer_source 'union' builds a new vocabulary, which evomerge does not",
+            "use 'base' or a model path (all models must share one vocabulary)",
+        )
+    return Recipe.from_plain(
+        {
+            "method": method.name,
+            "base": base,
+            "models": [{"model": e.model, **{k: s.to_plain() for k, s in e.parameters.items()}} for e in entries],
+            "parameters": data.get("parameters") or {},
+            "dtype": _check_dtype(data.get("out_dtype") or data.get("dtype"), where),
+            "tokenizer_source": None if tokenizer in (None, "base") else str(tokenizer),
+        },
+        where=where,
+    )
+
+
+def to_mergekit(recipe: Recipe) -> dict:
+    """The same merge as a mergekit config (every parameter-space recipe evomerge writes is expressible)."""
+    method = get_method(recipe.method)
+    models = [
+        {"model": e.model, "parameters": {k: s.to_mergekit() for k, s in e.parameters.items()}} for e in recipe.models
+    ]
+    for entry in models:
+        if not entry["parameters"]:
+            del entry["parameters"]
+    out: dict = {"merge_method": method.name}
+    if recipe.base is not None:
+        out["base_model"] = recipe.base
+        if method.inputs == "tensors" and method.needs_base:
+            # slerp and model_stock take the base from the models list in mergekit.
+            models.insert(0, {"model": recipe.base})
+    out["models"] = models
+    if recipe.parameters:
+        out["parameters"] = {k: s.to_mergekit() for k, s in recipe.parameters.items()}
+    out["dtype"] = recipe.dtype or "float32"
+    if recipe.tokenizer_source is not None:
+        out["tokenizer_source"] = recipe.tokenizer_source
+    return out

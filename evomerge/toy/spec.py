@@ -1,0 +1,72 @@
+"""How big each toy world is and how long each of its models trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Model shape and training schedule of one world size.
+
+    ``l2_offset_scale`` sets how far each L2 embedding starts from its L1 twin (a shared offset, in units of
+    the mean L1 row norm): far enough that the base cannot read L2, near enough that the language expert
+    pulls the rows back onto their twins instead of learning a separate path (TOYWORLD.md, rounds 3-4).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    batch_size: int
+    base_steps: int
+    base_lr: float
+    expert_steps: int
+    expert_lr: float
+    replay_fraction: float
+    base_math_fraction: float
+    l2_offset_scale: float
+
+    @property
+    def incompatible_hidden_size(self) -> int:
+        return self.hidden_size + 2 * self.num_heads * 4
+
+    @property
+    def incompatible_num_layers(self) -> int:
+        return self.num_layers + 1
+
+
+SPECS = {
+    "full": WorldSpec(
+        hidden_size=128,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=384,
+        batch_size=64,
+        base_steps=900,
+        base_lr=2e-3,
+        expert_steps=300,
+        expert_lr=1e-3,
+        replay_fraction=0.3,
+        base_math_fraction=0.05,
+        l2_offset_scale=1.5,
+    ),
+    "tiny": WorldSpec(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        batch_size=32,
+        base_steps=120,
+        base_lr=3e-3,
+        expert_steps=40,
+        expert_lr=1e-3,
+        replay_fraction=0.3,
+        base_math_fraction=0.05,
+        l2_offset_scale=1.5,
+    ),
+}
+
+# Each build runs on this many threads whatever the machine has: CPU kernels sum in a thread-dependent
+# order, so a fixed count is what makes the same seed give the same tensors.
+TORCH_THREADS = 2

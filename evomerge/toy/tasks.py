@@ -1,0 +1,54 @@
+"""Write the toy world's evaluation sets as lm-eval task folders (YAML + local JSONL).
+
+Each item is scored as one ``loglikelihood`` request whose ``acc`` is lm-eval's ``is_greedy``: the
+answer numeral is a single token, so "greedy decoding gives the answer" costs one forward pass per
+item, where ``multiple_choice`` over 21 numerals would cost 21.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TaskItems:
+    """One task's items: prompts without the trailing space, answers as numeral strings."""
+
+    name: str
+    description: str
+    prompts: list[str]
+    answers: list[str]
+
+
+def write_task(item_set: TaskItems, tasks_dir: Path, final_tasks_dir: Path) -> None:
+    """Write ``<tasks_dir>/<name>/{<name>.yaml, test.jsonl}``.
+
+    The YAML names its data by absolute path under ``final_tasks_dir``, where the folder will be after the
+    atomic rename: lm-eval hands ``data_files`` to ``datasets.load_dataset``, which resolves relative paths
+    against the working directory, not the YAML.
+    """
+    folder = tasks_dir / item_set.name
+    folder.mkdir(parents=True)
+    with open(folder / "test.jsonl", "w") as handle:
+        for prompt, answer in zip(item_set.prompts, item_set.answers, strict=True):
+            handle.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+    config = {
+        "task": item_set.name,
+        "tag": ["toy"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(final_tasks_dir / item_set.name / "test.jsonl")}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{prompt}}",
+        # loglikelihood requests take the target as the literal continuation (no target_delimiter), and
+        # the word-level tokenizer needs the space to split the numeral off the prompt's last word.
+        "doc_to_target": "{{' ' + answer}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0, "description": item_set.description},
+    }
+    with open(folder / f"{item_set.name}.yaml", "w") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)

@@ -1,0 +1,530 @@
+"""The merge methods: a contract every registered method passes, then each formula worked by hand."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.methods import MergeMethod, get_method, method_names
+from evomerge.methods.registry import WEIGHT, merge_method
+
+ALL = method_names()
+RANDOM = [name for name in ALL if get_method(name).random]
+
+# Values for the parameters mergekit requires (no default), and a density that actually prunes.
+REQUIRED = {"weight": 0.7, "t": 0.4}
+PRUNING = {"density": 0.5}
+
+
+def call(
+    name: str, base: torch.Tensor | None, models: torch.Tensor, seed: int = 0, **overrides
+) -> torch.Tensor:
+    """Run method ``name`` on ``models`` ([N, ...] raw tensors) the way the materializer does: task
+    vectors for delta methods, per-model values as a length-N tensor, a seeded generator if random."""
+    method = get_method(name)
+    count = models.shape[0]
+    kwargs = {}
+    for param in method.params:
+        value = overrides.get(param.arg, REQUIRED.get(param.name, param.default))
+        if param.per_model:
+            values = value if isinstance(value, (list, tuple)) else [value] * count
+            kwargs[param.arg] = torch.tensor(values, dtype=torch.float64, device=models.device)
+        else:
+            kwargs[param.arg] = value
+    if method.random:
+        kwargs["generator"] = torch.Generator(device=models.device).manual_seed(seed)
+    inputs = models - base if method.inputs == "deltas" else models
+    return method.fn(base, inputs, **kwargs)
+
+
+def model_counts(method: MergeMethod) -> list[int]:
+    allowed = [
+        n
+        for n in (1, 2, 3)
+        if n >= method.min_models and (method.max_models is None or n <= method.max_models)
+    ]
+    return sorted({allowed[0], allowed[-1]})
+
+
+def pruning(name: str) -> dict:
+    return PRUNING if any(p.name == "density" for p in get_method(name).params) else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The contract every registered method passes.
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shape_dtype_finite_for_each_model_count(name: str, dtype: torch.dtype) -> None:
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(1)
+    for count in model_counts(method):
+        base = torch.randn(6, 10, generator=generator).to(dtype)
+        models = (base + 0.1 * torch.randn(count, 6, 10, generator=generator)).to(dtype)
+        merged = call(name, base, models, **pruning(name))
+        assert merged.shape == base.shape and merged.dtype == dtype
+        assert torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(7,), (3, 4, 5)])
+def test_other_ranks(name: str, shape: tuple[int, ...]) -> None:
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(shape, generator=generator)
+    models = base + 0.1 * torch.randn((model_counts(method)[-1], *shape), generator=generator)
+    merged = call(name, base, models, **pruning(name))
+    assert merged.shape == shape and torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_are_not_mutated(name: str) -> None:
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 8, generator=generator)
+    models = base + torch.randn(model_counts(method)[-1], 5, 8, generator=generator)
+    inputs = models - base if method.inputs == "deltas" else models
+    base_copy, inputs_copy = base.clone(), inputs.clone()
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if method.random else {}
+    for param in method.params:
+        value = {**REQUIRED, **pruning(name)}.get(param.name, param.default)
+        kwargs[param.arg] = torch.full((inputs.shape[0],), value) if param.per_model else value
+    method.fn(base, inputs, **kwargs)
+    assert torch.equal(base, base_copy) and torch.equal(inputs, inputs_copy)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copies_of_one_model_merge_to_that_model(name: str, dtype: torch.dtype) -> None:
+    """N copies of a model, weights summing to 1, nothing pruned: every method returns the model
+    (slerp: t = 1; model_stock: identical task vectors give cos = 1, hence t = 1)."""
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 6, generator=generator).to(dtype)
+    model = (base.float() + torch.randn(4, 6, generator=generator)).to(dtype)
+    count = model_counts(method)[-1]
+    merged = call(name, base, model.expand(count, 4, 6), weight=1 / count, t=1.0)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(merged.float(), model.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if any(p.name == "weight" for p in get_method(n).params)])
+def test_weight_one_on_one_model_selects_it(name: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 6, generator=generator)
+    models = base + torch.randn(3, 4, 6, generator=generator)
+    merged = call(name, base, models, weight=[0.0, 1.0, 0.0])
+    torch.testing.assert_close(merged, models[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_signature_matches_declared_parameters(name: str) -> None:
+    """The registry is the one source of truth: the function takes exactly the declared knobs."""
+    method = get_method(name)
+    parameters = inspect.signature(method.fn).parameters
+    keyword_only = {p for p, spec in parameters.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY}
+    expected = {p.arg for p in method.params} | ({"generator"} if method.random else set())
+    assert keyword_only == expected
+    assert list(parameters)[:2] == ["base", "tensors" if method.inputs == "tensors" else "deltas"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_docstring_is_one_line_citing_the_reference(name: str) -> None:
+    method = get_method(name)
+    doc = method.fn.__doc__ or ""
+    assert "\n" not in doc.strip() and method.reference in doc
+    assert method.reference.startswith("https://")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_runs_on_cuda_like_on_cpu(name: str) -> None:
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(16, 32, generator=generator)
+    models = base + torch.randn(model_counts(method)[-1], 16, 32, generator=generator)
+    merged = call(name, base.cuda(), models.cuda(), **pruning(name))
+    assert merged.device.type == "cuda"
+    if not method.random:
+        torch.testing.assert_close(
+            merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry.
+
+
+def test_registering_a_name_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        merge_method(
+            name="linear",
+            reference="https://example.org",
+            params=(WEIGHT,),
+            inputs="tensors",
+            needs_base=False,
+        )(lambda base, tensors, *, weight: tensors[0])
+    assert get_method("linear").reference == "https://arxiv.org/abs/2203.05482"
+
+
+def test_unknown_method_is_a_user_error_listing_the_known_ones() -> None:
+    with pytest.raises(EvomergeError, match="unknown merge method 'tie'.*ties"):
+        get_method("tie")
+
+
+def test_every_mergekit_method_is_registered() -> None:
+    assert set(ALL) >= {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "defaults"),
+    [
+        ("linear", {"weight": None, "normalize": True}),
+        ("slerp", {"t": None}),
+        ("task_arithmetic", {"weight": None, "normalize": False, "lambda": 1.0}),
+        (
+            "ties",
+            {
+                "weight": None,
+                "density": 1.0,
+                "normalize": True,
+                "rescale": False,
+                "lambda": 1.0,
+                "int8_mask": False,
+            },
+        ),
+        (
+            "dare_ties",
+            {
+                "weight": None,
+                "density": 1.0,
+                "normalize": False,
+                "rescale": True,
+                "lambda": 1.0,
+                "int8_mask": False,
+            },
+        ),
+        ("dare_linear", {"weight": None, "density": 1.0, "normalize": False, "rescale": True, "lambda": 1.0}),
+        (
+            "breadcrumbs",
+            {
+                "weight": None,
+                "density": 1.0,
+                "gamma": 0.01,
+                "normalize": False,
+                "rescale": False,
+                "lambda": 1.0,
+            },
+        ),
+        (
+            "della",
+            {
+                "weight": None,
+                "density": 1.0,
+                "epsilon": 0.15,
+                "normalize": True,
+                "rescale": True,
+                "lambda": 1.0,
+                "int8_mask": False,
+            },
+        ),
+        ("model_stock", {"filter_wise": False}),
+    ],
+)
+def test_mergekit_defaults(name: str, defaults: dict) -> None:
+    assert {p.name: p.default for p in get_method(name).params} == defaults
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formulas worked by hand.
+
+BASE4 = torch.tensor([1.0, 1.0, 1.0, 1.0])
+
+
+def deltas_to_models(*deltas: list[float]) -> torch.Tensor:
+    return BASE4 + torch.tensor(deltas)
+
+
+def test_linear_by_hand() -> None:
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[5.0, 6.0], [7.0, 8.0]])
+    models = torch.stack([a, b])
+    # (1*a + 3*b) / 4 = [[16, 20], [24, 28]] / 4
+    expected = torch.tensor([[4.0, 5.0], [6.0, 7.0]])
+    torch.testing.assert_close(call("linear", None, models, weight=[1.0, 3.0]), expected)
+    # Without normalize the weights apply as given: 2a - b = [[2-5, 4-6], [6-7, 8-8]]
+    torch.testing.assert_close(
+        call("linear", None, models, weight=[2.0, -1.0], normalize=False),
+        torch.tensor([[-3.0, -2.0], [-1.0, 0.0]]),
+    )
+    # A weight of 0 drops the model; normalize divides by the remaining 2: (2a + 0b)/2 = a
+    torch.testing.assert_close(call("linear", None, models, weight=[2.0, 0.0]), a)
+
+
+def test_slerp_by_hand() -> None:
+    def slerp(base: list[float], other: list[float], t: float) -> torch.Tensor:
+        return call("slerp", torch.tensor(base), torch.tensor([other]), t=t)
+
+    r = math.sqrt(0.5)
+    # Orthogonal unit vectors, theta = pi/2: coefficients sin((1-t) pi/2), sin(t pi/2).
+    torch.testing.assert_close(slerp([1.0, 0.0], [0.0, 1.0], 0.5), torch.tensor([r, r]))
+    # t = 1/3: sin(pi/3) = 0.8660254, sin(pi/6) = 0.5
+    torch.testing.assert_close(slerp([1.0, 0.0], [0.0, 1.0], 1 / 3), torch.tensor([0.8660254, 0.5]))
+    # The coefficients multiply the unnormalised tensors: [2*r, 3*r]
+    torch.testing.assert_close(slerp([2.0, 0.0], [0.0, 3.0], 0.5), torch.tensor([2 * r, 3 * r]))
+    # Colinear (cos = 1 > 0.9995): plain lerp, 0.75*[1, 2] + 0.25*[2, 4] = [1.25, 2.5]
+    torch.testing.assert_close(slerp([1.0, 2.0], [2.0, 4.0], 0.25), torch.tensor([1.25, 2.5]))
+    # Antipodal (cos = -1) also falls back to lerp: 0.5*[1, 0] + 0.5*[-1, 0] = 0
+    torch.testing.assert_close(slerp([1.0, 0.0], [-1.0, 0.0], 0.5), torch.tensor([0.0, 0.0]))
+    # Endpoints are exact.
+    assert torch.equal(slerp([0.3, -1.2], [2.0, 0.7], 0.0), torch.tensor([0.3, -1.2]))
+    assert torch.equal(slerp([0.3, -1.2], [2.0, 0.7], 1.0), torch.tensor([2.0, 0.7]))
+
+
+def test_slerp_at_sixty_degrees() -> None:
+    # cos = 0.5, theta = pi/3, t = 1/2: each coefficient sin(pi/6)/sin(pi/3) = 0.5/0.8660254 = 0.5773503
+    # result = 0.5773503 * ([1, 0] + [0.5, 0.8660254]) = [0.8660254, 0.5]
+    merged = call("slerp", torch.tensor([1.0, 0.0]), torch.tensor([[0.5, math.sqrt(3) / 2]]), t=0.5)
+    torch.testing.assert_close(merged, torch.tensor([0.8660254, 0.5]))
+
+
+def test_task_arithmetic_by_hand() -> None:
+    models = deltas_to_models([1.0, -2.0, 0.0, 4.0], [3.0, 2.0, -1.0, 0.0])
+    # 0.5*d1 + 1*d2 = [0.5+3, -1+2, 0-1, 2+0] = [3.5, 1, -1, 2]; lambda 2 -> [7, 2, -2, 4]; + base 1
+    merged = call("task_arithmetic", BASE4, models, weight=[0.5, 1.0], lambda_=2.0)
+    torch.testing.assert_close(merged, torch.tensor([8.0, 3.0, -1.0, 5.0]))
+    # normalize divides by 0.5 + 1 = 1.5 before lambda: [3.5, 1, -1, 2] / 1.5 + 1
+    merged = call("task_arithmetic", BASE4, models, weight=[0.5, 1.0], normalize=True)
+    torch.testing.assert_close(merged, torch.tensor([3.5 / 1.5 + 1, 1 / 1.5 + 1, -1 / 1.5 + 1, 2 / 1.5 + 1]))
+    # Weights summing to 0: mergekit leaves the sum undivided: d1 - d2 = [-2, -4, 1, 4]; + base
+    merged = call("task_arithmetic", BASE4, models, weight=[1.0, -1.0], normalize=True)
+    torch.testing.assert_close(merged, torch.tensor([-1.0, -3.0, 2.0, 5.0]))
+
+
+def test_lambda_scales_the_merged_task_vector_after_normalizing() -> None:
+    models = deltas_to_models([2.0, 2.0, 2.0, 2.0], [4.0, 4.0, 4.0, 4.0])
+    # (1*2 + 3*4) / 4 = 3.5, times lambda 0.5 = 1.75, plus base 1 = 2.75
+    merged = call("task_arithmetic", BASE4, models, weight=[1.0, 3.0], normalize=True, lambda_=0.5)
+    torch.testing.assert_close(merged, torch.full((4,), 2.75))
+    # lambda 0 returns the base.
+    assert torch.equal(call("task_arithmetic", BASE4, models, weight=[1.0, 3.0], lambda_=0.0), BASE4)
+
+
+# Three task vectors for TIES, with the kept entries (density 0.5 keeps the 2 largest of 4) marked:
+#   d1 = [ 3*, -1,  0.5, -2*]  ->  [3,  0,  0, -2]
+#   d2 = [-1,  -4*, 2*,   1 ]  ->  [0, -4,  2,  0]
+#   d3 = [ 2*,  1, -3*,   0.1] ->  [2,  0, -3,  0]
+TIES_MODELS = deltas_to_models([3.0, -1.0, 0.5, -2.0], [-1.0, -4.0, 2.0, 1.0], [2.0, 1.0, -3.0, 0.1])
+
+
+def test_ties_trim_elect_and_disjoint_mean_by_hand() -> None:
+    # Column sums of the trimmed vectors: [5, -4, -1, -2] -> elected signs [+, -, -, -].
+    # Agreeing entries: col0 {3, 2} mean 2.5; col1 {-4}; col2 {-3} (d2's +2 disagrees); col3 {-2}.
+    merged = call("ties", BASE4, TIES_MODELS, weight=1.0, density=0.5)
+    torch.testing.assert_close(merged, BASE4 + torch.tensor([2.5, -4.0, -3.0, -2.0]))
+    # Without normalize the agreeing entries are summed: [5, -4, -3, -2].
+    merged = call("ties", BASE4, TIES_MODELS, weight=1.0, density=0.5, normalize=False)
+    torch.testing.assert_close(merged, BASE4 + torch.tensor([5.0, -4.0, -3.0, -2.0]))
+
+
+def test_ties_elects_signs_from_weighted_task_vectors() -> None:
+    # Weights [1, 2, 1]: weighted trimmed d2 = [0, -8, 4, 0]. Column 2 now sums to 4 - 3 = +1, so d2
+    # wins there: 4 / weight 2 = 2. Column 0: (3 + 2) / (1 + 1) = 2.5; column 1: -8 / 2; column 3: -2 / 1.
+    merged = call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5)
+    torch.testing.assert_close(merged, BASE4 + torch.tensor([2.5, -4.0, 2.0, -2.0]))
+
+
+def test_ties_tie_in_the_vote_elects_plus_and_zeros_never_agree() -> None:
+    # Column 0: +1 and -1 sum to 0 -> elected +, only d1 agrees: 1 / 1. Column 1: d1 is 0 (sign 0,
+    # never agrees), d2 = 2 agrees: 2 / 1 (the zero's weight is not in the divisor).
+    models = BASE4[:2] + torch.tensor([[1.0, 0.0], [-1.0, 2.0]])
+    merged = call("ties", BASE4[:2], models, weight=1.0)
+    torch.testing.assert_close(merged, BASE4[:2] + torch.tensor([1.0, 2.0]))
+
+
+def test_ties_rescale_matches_the_l1_norm() -> None:
+    # One model: trimmed d1 = [3, 0, 0, -2] has L1 5, the original 3 + 1 + 0.5 + 2 = 6.5, scale 1.3.
+    merged = call("ties", BASE4, TIES_MODELS[:1], weight=1.0, density=0.5, rescale=True)
+    torch.testing.assert_close(merged, BASE4 + torch.tensor([3.9, 0.0, 0.0, -2.6]))
+
+
+def test_ties_keeps_at_least_one_entry() -> None:
+    # density 0.1 of 4 entries: int(0.4) = 0, but mergekit keeps max(1, .) = 1, the largest |.|.
+    merged = call("ties", BASE4, TIES_MODELS[1:2], weight=1.0, density=0.1)
+    torch.testing.assert_close(merged, BASE4 + torch.tensor([0.0, -4.0, 0.0, 0.0]))
+
+
+def test_int8_mask_changes_nothing() -> None:
+    plain = call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5)
+    assert torch.equal(
+        plain, call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5, int8_mask=True)
+    )
+
+
+# Ten entries, by magnitude: 0.1 0.2 0.3 | 0.5 1 1.5 2 3 | 4 5
+CRUMBS = [0.1, -5.0, 2.0, -0.3, 1.0, 4.0, -0.2, 3.0, 0.5, -1.5]
+
+
+def test_breadcrumbs_drops_outliers_and_the_smallest_by_hand() -> None:
+    base = torch.zeros(10)
+    # density 0.5 keeps 5; gamma 0.2 drops the top 2 (|-5|, |4|); the bottom 10 - 5 - 2 = 3 go too.
+    merged = call("breadcrumbs", base, torch.tensor([CRUMBS]), weight=1.0, density=0.5, gamma=0.2)
+    torch.testing.assert_close(merged, torch.tensor([0.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0, 0.5, -1.5]))
+
+
+def test_breadcrumbs_keeps_the_density_when_gamma_is_too_large() -> None:
+    base = torch.zeros(10)
+    # density 0.9 keeps 9; gamma 0.3 would drop 3 on top, but only 10 - 9 = 1 can go: the largest, -5.
+    merged = call("breadcrumbs", base, torch.tensor([CRUMBS]), weight=1.0, density=0.9, gamma=0.3)
+    expected = torch.tensor(CRUMBS)
+    expected[1] = 0.0
+    torch.testing.assert_close(merged, expected)
+    # density 1 keeps everything, outliers included.
+    torch.testing.assert_close(
+        call("breadcrumbs", base, torch.tensor([CRUMBS]), weight=1.0, density=1.0, gamma=0.3),
+        torch.tensor(CRUMBS),
+    )
+
+
+def test_breadcrumbs_ties_elects_signs_after_dropping() -> None:
+    base = torch.zeros(2)
+    # density 0.5 of 2 entries keeps 1, gamma 0: the larger one. d1 -> [0, 4]; d2 -> [-3, 0]; d3 -> [0, -1].
+    # Column 1: 4 - 1 = 3 elects +, only d1 agrees; no normalize (breadcrumbs default): [-3, 4].
+    models = torch.tensor([[1.0, 4.0], [-3.0, 2.0], [0.5, -1.0]])
+    merged = call("breadcrumbs_ties", base, models, weight=1.0, density=0.5, gamma=0.0)
+    torch.testing.assert_close(merged, torch.tensor([-3.0, 4.0]))
+
+
+def test_model_stock_t_by_hand() -> None:
+    base = torch.tensor([0.5, -0.5])
+    # Orthogonal task vectors: cos 0, t = 0: the base.
+    torch.testing.assert_close(call("model_stock", base, base + torch.tensor([[1.0, 0.0], [0.0, 1.0]])), base)
+    # d1 = [1, 0], d2 = [1, 1]: cos = 1/sqrt(2) = 0.7071068; N = 2: t = 2c / (1 + c) = 0.8284271;
+    # mean task vector [1, 0.5] -> base + [0.8284271, 0.4142136]
+    merged = call("model_stock", base, base + torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(merged, base + torch.tensor([0.8284271, 0.4142136]))
+    # Three task vectors with pairwise cos 1/2: t = 3 * 0.5 / (1 + 2 * 0.5) = 0.75;
+    # mean task vector [2/3, 2/3, 2/3] -> base + 0.75 * 2/3 = +0.5 each
+    base3 = torch.zeros(3)
+    merged = call("model_stock", base3, torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
+    torch.testing.assert_close(merged, torch.full((3,), 0.5))
+    # Opposite task vectors with N = 2: 1 + (N-1) cos = 0, singular: the base is kept.
+    torch.testing.assert_close(
+        call("model_stock", base, base + torch.tensor([[1.0, 0.0], [-1.0, 0.0]])), base
+    )
+
+
+def test_model_stock_filter_wise_takes_one_angle_per_row() -> None:
+    base = torch.zeros(2, 2)
+    models = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[0.0, 1.0], [3.0, 0.0]]])
+    # Row 0: [1, 0] vs [0, 1], cos 0 -> t 0. Row 1: [2, 0] vs [3, 0], cos 1 -> t = 2/2 = 1, mean [2.5, 0].
+    merged = call("model_stock", base, models, filter_wise=True)
+    torch.testing.assert_close(merged, torch.tensor([[0.0, 0.0], [2.5, 0.0]]))
+    # Over the whole tensor: cos = (0 + 6) / (sqrt(5) * sqrt(10)) = 0.8485281, t = 2c/(1+c) = 0.9180581;
+    # mean [[0.5, 0.5], [2.5, 0]] * t
+    merged = call("model_stock", base, models)
+    torch.testing.assert_close(merged, 0.9180581 * torch.tensor([[0.5, 0.5], [2.5, 0.0]]))
+
+
+def test_dare_keeps_or_drops_and_rescales_by_the_l1_norm() -> None:
+    delta = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0])
+    merged = call("dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3)
+    kept = merged != 0
+    assert 0 < kept.sum() < 8
+    # Each survivor is scaled by |delta|_1 / |kept|_1 = 36 / (sum of the kept magnitudes).
+    scale = 36.0 / delta[kept].abs().sum()
+    torch.testing.assert_close(merged[kept], delta[kept] * scale)
+    unscaled = call(
+        "dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3, rescale=False
+    )
+    torch.testing.assert_close(unscaled[kept], delta[kept])
+
+
+def test_della_keep_probabilities_rise_with_magnitude_rank() -> None:
+    # Within each row, ranks 1..5 normalise to 0, 1/4, 1/2, 3/4, 1; density 0.5, epsilon 0.2 give
+    # keep probabilities 0.3, 0.4, 0.5, 0.6, 0.7. 20000 rows estimate each to within ~0.004.
+    rows = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0]).expand(20000, 5)
+    merged = call(
+        "della_linear", torch.zeros(20000, 5), rows[None], weight=1.0, density=0.5, epsilon=0.2, rescale=False
+    )
+    frequency = (merged != 0).double().mean(dim=0)
+    torch.testing.assert_close(
+        frequency, torch.tensor([0.3, 0.4, 0.5, 0.6, 0.7], dtype=torch.float64), atol=0.02, rtol=0
+    )
+
+
+def test_della_rejects_probabilities_outside_zero_one() -> None:
+    models = torch.randn(1, 10)
+    with pytest.raises(EvomergeError, match="epsilon"):
+        call("della", torch.zeros(10), models, weight=1.0, density=0.9, epsilon=0.15)
+    # density 1 prunes nothing, so any epsilon is fine (as in mergekit).
+    torch.testing.assert_close(
+        call("della", torch.zeros(10), models, weight=1.0, density=1.0, epsilon=0.4), models[0]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random methods: reproducible from the generator, and unbiased.
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_same_seed_same_merge_different_seed_different(name: str) -> None:
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(8, 16, generator=generator)
+    models = base + torch.randn(2, 8, 16, generator=generator)
+    first = call(name, base, models, seed=11, density=0.5)
+    torch.manual_seed(0)  # the global generator must not matter
+    assert torch.equal(first, call(name, base, models, seed=11, density=0.5))
+    assert not torch.equal(first, call(name, base, models, seed=12, density=0.5))
+
+
+def della_expectation(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """E[MagPrune(delta)] under mergekit's rescale: entry i survives with p_i = density - epsilon +
+    2 epsilon (rank_i - 1) / (n - 1), and survivors are scaled by |delta|_1 / |kept|_1, whose
+    expectation for large n is |delta|_1 / sum_j p_j |delta_j|."""
+    ranks = torch.empty(delta.numel()).scatter_(0, delta.abs().argsort(), torch.arange(delta.numel()).float())
+    p = density - epsilon + 2 * epsilon * ranks / (delta.numel() - 1)
+    return p * delta * delta.abs().sum() / (p * delta.abs()).sum()
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_mean_over_draws_is_the_expected_merge(name: str) -> None:
+    """DARE's rescale keeps the expected merge at the unpruned one. mergekit's DELLA rescales by the
+    same global L1 ratio, not the paper's per-entry 1/p_i, so its expectation leans toward
+    large-magnitude entries (by up to about epsilon/density); we match mergekit and check that.
+    TIES variants merge one model, where the sign election keeps every nonzero entry."""
+    generator = torch.Generator().manual_seed(8)
+    count = 1 if name in {"dare_ties", "della"} else 2
+    base = torch.randn(2000, generator=generator)
+    models = base + torch.randn(count, 2000, generator=generator)
+    weights = torch.tensor([0.6, 0.3][:count])
+    deltas = models - base
+    if name.startswith("della"):
+        deltas = torch.stack([della_expectation(delta, 0.5, 0.3) for delta in deltas])
+    expected = base + weights @ deltas
+    draws = torch.stack(
+        [
+            call(name, base, models, seed=s, weight=weights.tolist(), density=0.5, epsilon=0.3, normalize=False)
+            for s in range(300)
+        ]
+    )
+    # Sampling noise of 300 draws is about 0.05 here; DELLA's lean (epsilon 0.3) is about 0.2.
+    error = (draws.mean(dim=0) - expected).norm() / (expected - base).norm()
+    assert error < 0.1
