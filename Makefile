@@ -29,5 +29,5 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/evomerge demo
 
 test: $(VENV)/.installed $(MERGEKIT_VENV)/.installed
-	$(VENV)/bin/ruff check evomerge tests scripts
+	$(VENV)/bin/ruff check .
 	EVOMERGE_MERGEKIT_PYTHON=$(MERGEKIT_VENV)/bin/python $(PY) -m pytest
