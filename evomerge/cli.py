@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from evomerge.errors import EvomergeError
 
@@ -38,10 +39,50 @@ def _toy_build(args: argparse.Namespace) -> None:
     print(f"  tasks: {', '.join(world.tasks.values())} (include path {world.tasks_dir})")
 
 
+def _search(overrides: list[str]) -> int:
+    """Hand the overrides to Hydra, which composes conf/, handles -m sweeps and names bad overrides."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from evomerge.config import CONF_DIR, register_configs
+    from evomerge.search.session import start
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def search(cfg) -> None:
+        try:
+            start(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except EvomergeError as error:
+            print(f"evomerge: error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv = ["evomerge search", *overrides]
+    search()
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> None:
+    from evomerge.config import register_configs
+    from evomerge.search.session import resume
+
+    register_configs()
+    resume(Path(args.run_dir), args.overrides, force=args.force)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from evomerge.export import export_run
+
+    for path in export_run(
+        args.run_dir, args.out_dir, rank=args.rank, pareto=args.pareto, device=args.device, overwrite=args.overwrite
+    ):
+        print(f"exported {path}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from evomerge.demo import run_demo
 
-    run_demo(size=args.size)
+    run_demo(overrides=[f"toy.size={args.size}", *args.overrides])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(run=_toy_build)
 
-    demo = commands.add_parser("demo", help="build the toy world and merge it (the README's demo)")
+    commands.add_parser(
+        "search", help="run a search: evomerge search preset=toy optimizer=cmaes seed=1 (Hydra overrides)"
+    )
+
+    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("overrides", nargs="*", help="key=value changes (refused unless --force)")
+    resume.add_argument("--force", action="store_true", help="resume even though the config changed")
+    resume.set_defaults(run=_resume)
+
+    export = commands.add_parser("export", help="write the best (or N-th, or every Pareto) candidate as a model")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--rank", type=int, default=1, help="export the N-th best candidate (default 1)")
+    choice.add_argument("--pareto", action="store_true", help="export every Pareto-front candidate")
+    export.add_argument("--device", default="cpu")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
+
+    demo = commands.add_parser("demo", help="build the toy world, search merges of its experts, export the best")
     demo.add_argument("--size", choices=["tiny", "full"], default="full")
+    demo.add_argument("overrides", nargs="*", help="Hydra overrides for the search, e.g. budget.evaluations=40")
     demo.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["search"]:
+        return _search(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

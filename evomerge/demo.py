@@ -1,34 +1,50 @@
-"""The README's demo: build the toy world (cached), merge its experts, and load the result."""
+"""The README's demo: build the toy world (cached), search task-arithmetic merges of its two experts,
+export the best, and put the parents' scores beside the winner's."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hydra import compose, initialize_config_dir
 
-from evomerge.materialize.to_disk import merge_to_disk
+from evomerge.config import CONF_DIR, register_configs
+from evomerge.executor.worker import Worker, WorkerSpec
+from evomerge.export import export_run
 from evomerge.recipe.recipe import Recipe
-from evomerge.toy import build_world
+from evomerge.search.session import start, task_set
 
 
-def run_demo(*, out_dir: Path = Path("demo"), size: str = "full", seed: int = 0) -> Path:
-    world = build_world(size=size, seed=seed)
-    recipe = Recipe.from_plain(
-        {
-            "method": "task_arithmetic",
-            "base": str(world.base),
-            "models": [{"model": str(path), "weight": 1.0} for path in world.experts.values()],
-            "dtype": "float32",
-        }
-    )
-    merged = merge_to_disk(recipe, out_dir / "merged", overwrite=True)
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    ids = tokenizer("three plus four is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = model(ids).logits
-    print(
-        f"merged {len(world.experts)} experts into {merged}; reloaded, logits finite: {bool(logits.isfinite().all())}"
-    )
-    return merged
+def run_demo(*, out_dir: Path = Path("demo"), overrides: list[str] | None = None) -> None:
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["preset=toy", *(overrides or [])])
+    run_dir = out_dir / time.strftime("run-%Y%m%d-%H%M%S")
+    started = time.perf_counter()
+    state = start(cfg, run_dir)
+    (best,) = export_run(run_dir, out_dir / "best", overwrite=True)
+
+    # The parents are task-arithmetic merges too: weight 1 on one expert and 0 on the other is that
+    # expert exactly, and 0 on both is the base. Scoring them with the same worker keeps it comparable.
+    experts = list(cfg.models.experts)
+    names = ["math expert", "lang expert"]
+    worker = Worker(WorkerSpec(template=Recipe.from_plain(state.best.recipe), tasks=task_set(cfg)))
+    rows = []
+    for label, weights in [("base", (0.0, 0.0)), (names[0], (1.0, 0.0)), (names[1], (0.0, 1.0))]:
+        recipe = Recipe.from_plain(
+            {
+                "method": "task_arithmetic",
+                "base": cfg.models.base,
+                "models": [{"model": m, "weight": w} for m, w in zip(experts, weights, strict=True)],
+                "dtype": "float32",
+            }
+        )
+        rows.append((label, worker.evaluate(recipe).metrics))
+    rows.append(("best merge (searched)", state.best.metrics))
+    tasks = sorted({k for _, metrics in rows for k in metrics})
+    print("\n| model | " + " | ".join(tasks) + " |")
+    print("| --- |" + " --- |" * len(tasks))
+    for label, metrics in rows:
+        print(f"| {label} | " + " | ".join(f"{metrics[k]:.3f}" for k in tasks) + " |")
+    print(f"\nrun folder: {run_dir} (evaluations.jsonl, fitness.png); best model: {best}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")

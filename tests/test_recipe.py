@@ -89,9 +89,9 @@ def test_per_model_values_resolve_per_tensor():
         "model.layers.2.mlp.up_proj.weight",
         num_layers=3,
         device=torch.device("cpu"),
-        dtype=torch.float32,
     )
     # layer 2 of 3: t = 1 -> math density = 0.8 (mlp gradient end), lang weight = 1.0 (gradient end)
+    assert kw["density"].dtype == torch.float64  # exact densities: mergekit keeps int(density * n)
     assert kw["density"].tolist() == pytest.approx([0.8, 0.5])
     assert kw["weight"].tolist() == pytest.approx([0.6, 1.0])
     assert kw["lambda_"] == 1.0
@@ -115,3 +115,15 @@ def test_bad_recipes_name_the_problem(change, message):
     data.update(change)
     with pytest.raises(EvomergeError, match=message):
         validate(Recipe.from_plain(data))
+
+
+def test_mergekit_knobs_the_method_ignores_are_dropped_with_a_warning():
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": "b",
+        "models": [{"model": "m", "parameters": {"weight": 0.5, "density": 0.3}}],
+        "parameters": {"int8_mask": True},
+    }
+    with pytest.warns(UserWarning, match="'density' has no effect"):
+        recipe = from_mergekit(data)
+    assert set(recipe.models[0].parameters) == {"weight"} and recipe.parameters == {}

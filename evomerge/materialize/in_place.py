@@ -50,9 +50,7 @@ class InPlaceMerger:
         with torch.no_grad():
             for name, target in self._targets.items():
                 base, stacked = self._resident[name]
-                kwargs = method_kwargs(
-                    recipe, method, name, num_layers=self.num_layers, device=self.device, dtype=self.dtype
-                )
+                kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=self.device)
                 target.copy_(method.fn(base, stacked, **kwargs))
 
     def _check(self, recipe: Recipe) -> MergeMethod:

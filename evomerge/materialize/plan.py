@@ -71,10 +71,14 @@ def depth(tensor_name: str, num_layers: int) -> float:
 
 
 def method_kwargs(
-    recipe: Recipe, method: MergeMethod, tensor_name: str, *, num_layers: int, device: torch.device, dtype: torch.dtype
+    recipe: Recipe, method: MergeMethod, tensor_name: str, *, num_layers: int, device: torch.device
 ) -> dict[str, object]:
-    """Keyword arguments of ``method.fn`` for one tensor (per-model values as a length-N tensor in the
-    compute dtype, so they do not promote bf16 inputs to float32)."""
+    """Keyword arguments of ``method.fn`` for one tensor.
+
+    Per-model values travel as a float64 tensor: mergekit keeps ``int(density * n)`` entries with a
+    Python float, and density 0.7 rounded to float32 keeps one entry fewer on some sizes. The methods
+    round weights to the tensors' dtype themselves, as mergekit does.
+    """
     t = depth(tensor_name, num_layers)
     kwargs: dict[str, object] = {}
     for param in method.params:
@@ -85,7 +89,7 @@ def method_kwargs(
                 setting = entry.parameters.get(param.name, fallback)
                 value = setting.at(tensor_name, t) if setting is not None else None
                 values.append(param.default if value is None else value)
-            kwargs[param.arg] = torch.tensor(values, dtype=dtype, device=device)
+            kwargs[param.arg] = torch.tensor(values, dtype=torch.float64, device=device)
         else:
             value = fallback.at(tensor_name, t) if fallback is not None else None
             kwargs[param.arg] = param.default if value is None else value

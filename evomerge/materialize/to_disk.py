@@ -51,9 +51,7 @@ def merge_to_disk(
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
         for name in reference.names:
             base, stacked = sources.inputs(method, name, device=torch_device, dtype=out_dtype)
-            kwargs = method_kwargs(
-                recipe, method, name, num_layers=reference.num_layers, device=torch_device, dtype=out_dtype
-            )
+            kwargs = method_kwargs(recipe, method, name, num_layers=reference.num_layers, device=torch_device)
             writer.add(name, method.fn(base, stacked, **kwargs).to(out_dtype))
         writer.finish()
         write_model_files(

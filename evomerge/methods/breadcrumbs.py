@@ -48,9 +48,7 @@ def breadcrumbs(
 ) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
     kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(
-        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=True
-    )
+    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)
 
 
 @merge_method(
@@ -74,6 +72,4 @@ def breadcrumbs_ties(
 ) -> torch.Tensor:
     """Model Breadcrumbs with TIES sign election (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
     kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(
-        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
-    )
+    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)

@@ -20,9 +20,7 @@ from evomerge.methods.task_arithmetic import merge_task_vectors
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
 
 
-def _drop(
-    deltas: torch.Tensor, density: torch.Tensor, rescale: bool, generator: torch.Generator
-) -> torch.Tensor:
+def _drop(deltas: torch.Tensor, density: torch.Tensor, rescale: bool, generator: torch.Generator) -> torch.Tensor:
     dropped = torch.empty_like(deltas)
     for delta, keep, out in zip(deltas, density.tolist(), dropped, strict=True):
         random_drop(delta, keep, out, rescale=rescale, generator=generator)
@@ -51,9 +49,7 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099) with TIES sign election."""
     dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(
-        base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
-    )
+    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
 
 
 @merge_method(
@@ -77,6 +73,4 @@ def dare_linear(
 ) -> torch.Tensor:
     """DARE, Language models are Super Mario (Yu et al. 2023, https://arxiv.org/abs/2311.03099)."""
     dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(
-        base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=True
-    )
+    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)

@@ -58,9 +58,7 @@ def della(
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024, https://arxiv.org/abs/2406.11617) with TIES sign election."""
     pruned = _magprune(deltas, density, epsilon, rescale, generator)
-    return merge_task_vectors(
-        base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
-    )
+    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
 
 
 @merge_method(
@@ -85,6 +83,4 @@ def della_linear(
 ) -> torch.Tensor:
     """DELLA-Merging: magnitude-based sampling (Deep et al. 2024, https://arxiv.org/abs/2406.11617)."""
     pruned = _magprune(deltas, density, epsilon, rescale, generator)
-    return merge_task_vectors(
-        base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=True
-    )
+    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)

@@ -18,9 +18,7 @@ from evomerge.methods.registry import NORMALIZE_ON, WEIGHT, merge_method
     inputs="tensors",
     needs_base=False,
 )
-def linear(
-    base: torch.Tensor | None, tensors: torch.Tensor, *, weight: torch.Tensor, normalize: bool
-) -> torch.Tensor:
+def linear(base: torch.Tensor | None, tensors: torch.Tensor, *, weight: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Model soups (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482)."""
     count = tensors.shape[0]
     # mergekit keeps the weights (and their sum) in float32 even for 16-bit tensors; the normalised

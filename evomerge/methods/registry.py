@@ -75,15 +75,15 @@ class Param:
 
 # The knobs shared across methods, defined once so every method means the same thing by each name.
 WEIGHT = Param("weight", per_model=True, default=None, low=None, search=(0.0, 1.5))
-DENSITY = Param(
-    "density", per_model=True, default=1.0, low=0.0, high=1.0, low_inclusive=False, search=(0.05, 1.0)
-)
+DENSITY = Param("density", per_model=True, default=1.0, low=0.0, high=1.0, low_inclusive=False, search=(0.05, 1.0))
 # DELLA also needs density - epsilon > 0 and density + epsilon < 1 (unless density is 1); a range per
 # parameter cannot say that, so della checks the pair when it runs.
 EPSILON = Param("epsilon", per_model=True, default=0.15, low=0.0, high=0.5, search=(0.0, 0.2))
 GAMMA = Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0, search=(0.0, 0.1))
 # mergekit takes any real lambda: a negative one subtracts the merged task vector (task negation).
-LAMBDA = Param("lambda", per_model=False, default=1.0, search=(0.5, 1.5))
+# lambda rescales the merged task vector, which the per-model weights already do: searched only when
+# a genome asks for it (genome.params) with a range (genome.ranges), so default genomes stay minimal.
+LAMBDA = Param("lambda", per_model=False, default=1.0)
 T = Param("t", per_model=False, default=None, low=0.0, high=1.0, search=(0.0, 1.0))
 NORMALIZE_ON = Param("normalize", per_model=False, default=True, kind=bool)
 NORMALIZE_OFF = Param("normalize", per_model=False, default=False, kind=bool)

@@ -3,8 +3,8 @@ that agree with it are merged (Yadav et al. 2023, https://arxiv.org/abs/2306.017
 
 mergekit 0.1.5 elects by summed (weighted) values, its ``sum`` consensus; that is the only rule any of
 its methods use, so it is the only one here. Its ``int8_mask`` flag stores the sign tensor in int8 to
-save memory; the agreement mask it produces is the same boolean either way, and ours is always a
-one-byte boolean, so the flag has no counterpart here beyond being accepted.
+save memory; the agreement mask it produces is the same boolean either way, and we build no mask at
+all (see ``keep_agreeing_``), so the flag has no counterpart here beyond being accepted.
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ def elected_sign(weighted: torch.Tensor) -> torch.Tensor:
     return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
-def agreement_mask(weighted: torch.Tensor) -> torch.Tensor:
-    """True where an entry's sign equals the elected sign; zero entries never agree (sign 0)."""
-    return torch.sign(weighted) == elected_sign(weighted)
+def keep_agreeing_(weighted: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``weighted`` with the magnitudes of the entries that agree with the elected sign
+    (0 elsewhere, zeros included: their sign 0 agrees with neither) and return the elected sign.
+
+    Multiplying by the elected sign (exact: it is +-1) turns agreement into positivity, so one clamp
+    replaces mergekit's sign tensor, comparison and mask multiply; ``sign * magnitudes.sum(0)`` is the
+    sum of the agreeing entries and ``magnitudes > 0`` marks them.
+    """
+    sign = elected_sign(weighted)
+    weighted.mul_(sign).clamp_(min=0)
+    return sign

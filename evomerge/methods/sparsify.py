@@ -44,9 +44,7 @@ def magnitude(delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale
         rescale_l1_(out, delta)
 
 
-def magnitude_outliers(
-    delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor, *, rescale: bool
-) -> None:
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor, *, rescale: bool) -> None:
     """Model Breadcrumbs: drop the ``gamma`` largest-magnitude fraction and the smallest entries,
     keeping ``int(density * numel)``; when ``density + gamma > 1`` fewer outliers are dropped so the
     kept count still holds (mergekit's rule). ``density >= 1`` keeps everything, outliers included."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods.registry import LAMBDA, NORMALIZE_OFF, WEIGHT, merge_method
-from evomerge.methods.sign_consensus import agreement_mask
+from evomerge.methods.sign_consensus import keep_agreeing_
 
 # mergekit leaves the sum unnormalised where the weights cancel (|sum| < 1e-8) instead of dividing by ~0.
 _ZERO_WEIGHT_SUM = 1e-8
@@ -24,13 +24,12 @@ def merge_task_vectors(
     normalize: bool,
     lambda_: float,
     sign_consensus: bool,
-    owned: bool,
 ) -> torch.Tensor:
     """``base + lambda * sum_i w_i delta_i`` (divided by the summed weights when ``normalize``).
 
     With ``sign_consensus`` only the entries of ``w_i delta_i`` whose sign matches the elected sign
     enter the sum, and the divisor is, per entry, the sum of the weights that entered (1 where none
-    did). ``owned`` says ``deltas`` is a temporary of the caller's that may be overwritten.
+    did). That path uses ``deltas`` as scratch space: callers pass their own sparsified temporary.
     """
     count = deltas.shape[0]
     flat = deltas.reshape(count, -1)
@@ -43,11 +42,12 @@ def merge_task_vectors(
         # One fused pass over the task vectors: base + deltas^T @ coefficients.
         return torch.addmv(base.reshape(-1), flat.T, coefficients).view(base.shape)
 
-    weighted = flat.mul_(weights[:, None]) if owned else flat * weights[:, None]
-    agree = agreement_mask(weighted).to(weighted.dtype)
-    mixed = weighted.mul_(agree).sum(dim=0)
+    magnitudes = flat.mul_(weights[:, None])
+    sign = keep_agreeing_(magnitudes)
+    mixed = magnitudes.sum(dim=0).mul_(sign)
     if normalize:
-        divisor = weights @ agree
+        # sign() of a clamped magnitude is 1 where the entry agreed, 0 elsewhere.
+        divisor = weights @ magnitudes.sign_()
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
     if lambda_ != 1:
         mixed.mul_(lambda_)
@@ -65,6 +65,4 @@ def task_arithmetic(
     base: torch.Tensor, deltas: torch.Tensor, *, weight: torch.Tensor, normalize: bool, lambda_: float
 ) -> torch.Tensor:
     """Editing models with task arithmetic (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)."""
-    return merge_task_vectors(
-        base, deltas, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, owned=False
-    )
+    return merge_task_vectors(base, deltas, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)

@@ -39,6 +39,4 @@ def ties(
     trimmed = torch.empty_like(deltas)
     for delta, keep, out in zip(deltas, density.tolist(), trimmed, strict=True):
         magnitude(delta, keep, out, rescale=rescale)
-    return merge_task_vectors(
-        base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, owned=True
-    )
+    return merge_task_vectors(base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)

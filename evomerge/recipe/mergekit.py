@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 from evomerge.errors import EvomergeError
-from evomerge.methods import get_method
+from evomerge.methods import MergeMethod, get_method
 from evomerge.recipe.recipe import ModelEntry, Recipe, _check_dtype
 from evomerge.recipe.setting import Setting
 
@@ -32,7 +34,11 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
         # zero and it takes no part, so the base is kept apart and only its parameters are dropped.
         if method.needs_base and base is not None and path == str(base):
             continue
-        settings = {k: Setting.from_plain(v, where=f"{where}: models[{i}].{k}") for k, v in params.items()}
+        settings = {
+            k: Setting.from_plain(v, where=f"{where}: models[{i}].{k}")
+            for k, v in params.items()
+            if _declared(method, k, where)
+        }
         entries.append(ModelEntry(model=path, parameters=settings))
     tokenizer = data.get("tokenizer_source")
     if tokenizer == "union":
@@ -45,12 +51,23 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
             "method": method.name,
             "base": base,
             "models": [{"model": e.model, **{k: s.to_plain() for k, s in e.parameters.items()}} for e in entries],
-            "parameters": data.get("parameters") or {},
+            "parameters": {k: v for k, v in (data.get("parameters") or {}).items() if _declared(method, k, where)},
             "dtype": _check_dtype(data.get("out_dtype") or data.get("dtype"), where),
             "tokenizer_source": None if tokenizer in (None, "base") else str(tokenizer),
         },
         where=where,
     )
+
+
+def _declared(method: MergeMethod, name: str, where: str) -> bool:
+    """mergekit accepts and ignores some knobs a method never reads (e.g. density on task_arithmetic);
+    drop those with a warning rather than refuse a config that mergekit runs."""
+    if any(p.name == name for p in method.params):
+        return True
+    warnings.warn(
+        f"{where}: '{name}' has no effect on '{method.name}' (mergekit ignores it too); dropped", stacklevel=3
+    )
+    return False
 
 
 def to_mergekit(recipe: Recipe) -> dict:

@@ -1,0 +1,136 @@
+"""The search's structured config: Hydra composes `conf/`, these dataclasses type-check every key.
+
+A wrong type or an unknown key is rejected by OmegaConf with the key's full name; ``check_config``
+adds the range checks types cannot express. Each group in `conf/` maps to one field here and to one
+package of the library (`conf/optimizer/cmaes.yaml` ↔ `evomerge/optimizer/cmaes.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from evomerge.errors import EvomergeError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class ModelsConfig:
+    base: str = MISSING
+    experts: list[str] = MISSING
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    parameters: dict[str, Any] = field(default_factory=dict)  # fixed knobs of the whole merge
+
+
+@dataclass
+class GenomeConfig:
+    kind: str = "ps"
+    layer_groups: int = 1
+    filters: list[str] = field(default_factory=list)
+    params: list[str] | None = None  # None: every numeric knob the method declares
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TasksConfig:
+    names: list[str] = MISSING
+    include_path: str | None = None
+    limit: int | None = None
+    sample_seed: int = 0
+    num_fewshot: int | None = None
+    batch_size: int = 32
+    acknowledge_test_split: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING
+    terms: dict[str, float] = MISSING  # "task/metric" -> weight
+
+
+@dataclass
+class BudgetConfig:
+    evaluations: int | None = 100
+    wall_time_s: float | None = None
+
+
+@dataclass
+class ToyConfig:
+    size: str = "full"
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    seed: int = 0
+    run_dir: str = MISSING
+    device: str = "cpu"
+    dtype: DType = DType.float32
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    genome: GenomeConfig = field(default_factory=GenomeConfig)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    objectives: list[ObjectiveConfig] = MISSING
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="search_schema", node=SearchConfig)
+    if not OmegaConf.has_resolver("toy_world"):
+        OmegaConf.register_new_resolver("toy_world", toy_world_path, use_cache=True)
+
+
+def toy_world_path(size: str, seed: int, what: str) -> str:
+    """``${toy_world:full,0,base}``: a path in the (cached) toy world, built on first use."""
+    from evomerge.toy import build_world
+
+    world = build_world(size=size, seed=int(seed))
+    paths = {"base": world.base, "tasks": world.tasks_dir, **world.experts}
+    return str(paths[what])
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Range checks the types cannot express; each error names the key, the value and what is allowed."""
+
+    def bad(key: str, value: object, allowed: str) -> EvomergeError:
+        return EvomergeError(f"config value {key}={value} is not allowed", f"use {allowed}")
+
+    budget = cfg.budget
+    if budget.evaluations is None and budget.wall_time_s is None:
+        raise bad("budget", "no limit", "budget.evaluations=N and/or budget.wall_time_s=SECONDS")
+    if budget.evaluations is not None and budget.evaluations < 1:
+        raise bad("budget.evaluations", budget.evaluations, "a positive number of evaluations")
+    if budget.wall_time_s is not None and budget.wall_time_s <= 0:
+        raise bad("budget.wall_time_s", budget.wall_time_s, "a positive number of seconds")
+    if not cfg.objectives:
+        raise bad("objectives", "[]", "at least one objective with terms {task/metric: weight}")
+    for i, objective in enumerate(cfg.objectives):
+        if not objective.terms:
+            raise bad(f"objectives[{i}].terms", "{}", "at least one 'task/metric: weight' term")
+    if not cfg.models.experts:
+        raise bad("models.experts", "[]", "a list of at least one model folder")
+    if cfg.tasks.limit is not None and cfg.tasks.limit < 1:
+        raise bad("tasks.limit", cfg.tasks.limit, "a positive number of items per task, or null for all")
+    if cfg.tasks.batch_size < 1:
+        raise bad("tasks.batch_size", cfg.tasks.batch_size, "a positive batch size")
+    if cfg.genome.kind != "ps":
+        raise bad("genome.kind", cfg.genome.kind, "ps (parameter space)")

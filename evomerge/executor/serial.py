@@ -1,0 +1,21 @@
+"""Run candidates one after another in this process, on one device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from evomerge.executor.worker import Outcome, Worker, WorkerSpec
+from evomerge.recipe.recipe import Recipe
+
+
+class SerialExecutor:
+    def __init__(self, *, spec: WorkerSpec) -> None:
+        self.worker = Worker(spec)
+
+    def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
+        """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once."""
+        for position, recipe in enumerate(recipes):
+            yield position, self.worker.evaluate(recipe)
+
+    def close(self) -> None:
+        self.worker = None

@@ -1,0 +1,61 @@
+"""A worker: one model resident on one device, rewritten in place and scored for each candidate.
+
+Workers hold no search logic. The serial executor runs one in-process; the Ray executor runs one per
+GPU (or CPU slot) as an actor. Both build it from the same ``WorkerSpec``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass
+
+from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
+from evomerge.materialize.in_place import InPlaceMerger
+from evomerge.materialize.to_disk import DTYPES, resolve_device
+from evomerge.recipe.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to start: plain data, cheap to send to another process."""
+
+    template: Recipe
+    tasks: TaskSet
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    metrics: dict[str, float] | None
+    error: str | None
+    seconds: float
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        template = spec.template
+        reference = template.base if template.base is not None else template.models[0].model
+        device = resolve_device(spec.device)
+        model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[spec.dtype]).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(template.tokenizer_source or reference)
+        self.merger = InPlaceMerger(model=model, template=template)
+        self.scorer = LMEvalScorer(model=model, tokenizer=tokenizer, tasks=spec.tasks)
+
+    def evaluate(self, recipe: Recipe) -> Outcome:
+        """Materialize and score one candidate; a failure becomes an Outcome, never an exception."""
+        start = time.perf_counter()
+        try:
+            self.merger.materialize(recipe)
+            metrics = self.scorer.score()
+        except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
+            # outside (0, 1)) must not end the search: it is logged and scored as the worst.
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            return Outcome(metrics=None, error=detail, seconds=time.perf_counter() - start)
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        error = f"non-finite metric(s): {', '.join(bad)}" if bad else None
+        return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start)

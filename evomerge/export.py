@@ -1,0 +1,63 @@
+"""Turn a finished (or interrupted) run into models: the best, the N-th best, or every Pareto candidate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.materialize.to_disk import merge_to_disk
+from evomerge.recipe.recipe import Recipe
+from evomerge.search.run_folder import RunFolder
+from evomerge.search.state import SearchState
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 1,
+    pareto: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the chosen candidates as model folders (recipe files and model card included)."""
+    run = RunFolder(run_dir)
+    state = run.load_checkpoint()
+    if not isinstance(state, SearchState) or state.evaluations == 0:
+        raise EvomergeError(f"'{run_dir}' has no checkpointed evaluations yet", "let the search finish a generation")
+    rows = run.read_evaluations()[: state.evaluations]
+    objectives = [o["name"] for o in _objectives(run)]
+    if pareto:
+        chosen = [rows[i] for i in state.front.ids]
+        targets = [Path(out_dir) / f"pareto-{n:02d}" for n in range(len(chosen))]
+    else:
+        ranked = _ranked(rows)
+        if not 1 <= rank <= len(ranked):
+            raise EvomergeError(
+                f"--rank {rank} asks for a candidate the run does not have ({len(ranked)} distinct succeeded)",
+                f"use a rank from 1 to {len(ranked)}",
+            )
+        chosen, targets = [ranked[rank - 1]], [Path(out_dir)]
+    written = []
+    for row, target in zip(chosen, targets, strict=True):
+        scores = dict(zip(objectives, row["scores"], strict=True)) | (row["metrics"] or {})
+        written.append(
+            merge_to_disk(Recipe.from_plain(row["recipe"]), target, device=device, overwrite=overwrite, scores=scores)
+        )
+    return written
+
+
+def _ranked(rows: list[dict]) -> list[dict]:
+    """Distinct successful candidates, best first by the first objective (earliest first among ties)."""
+    seen, out = set(), []
+    for row in rows:
+        if row["error"] is None and row["scores"][0] is not None and row["key"] not in seen:
+            seen.add(row["key"])
+            out.append(row)
+    return sorted(out, key=lambda r: -r["scores"][0])
+
+
+def _objectives(run: RunFolder) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(run.config_path).objectives)

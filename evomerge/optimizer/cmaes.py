@@ -1,0 +1,91 @@
+"""CMA-ES through pycma (Hansen 2016, arXiv:1604.00772), as Akiba et al. (2024) use for merge recipes."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import cma
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.optimizer.base import Optimizer, Proposal
+from evomerge.optimizer.space import SearchSpace
+
+
+class _GeneratorNormal:
+    """pycma's `randn(lam, N)` option, drawn from our own Generator.
+
+    pycma otherwise samples from, and seeds, numpy's global RandomState. Living inside the es, the
+    Generator pickles with it, so one pickle holds the whole state.
+    """
+
+    def __init__(self, generator: np.random.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.generator.standard_normal(shape)
+
+
+class CMAESOptimizer(Optimizer):
+    """Single-objective CMA-ES in the unit box; binary dims are continuous to CMA and thresholded at 0.5.
+
+    CMA is told the continuous values it asked, not the thresholded ones, so its distribution update
+    stays consistent. Bounds use pycma's default `BoundTransform`, so every asked point is in the box.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        n_objectives: int,
+        seed: int,
+        run_dir: Path | str | None = None,
+        popsize: int | None = None,
+        sigma0: float = 0.25,
+    ) -> None:
+        del run_dir  # all of CMA's state is in state_dict(); nothing to keep in the run folder
+        if n_objectives != 1:
+            raise EvomergeError(
+                f"cmaes optimizes a single objective, but this run has {n_objectives} objectives",
+                "Choose optimizer=nsga2 or optimizer=tpe for several objectives, or score one metric",
+            )
+        if not sigma0 > 0:
+            raise EvomergeError(f"optimizer.sigma0 is {sigma0}", "Give a step size > 0 in unit-box units (e.g. 0.25)")
+        if popsize is not None and popsize < 2:
+            raise EvomergeError(f"optimizer.popsize is {popsize}", "Give popsize >= 2, or null for cma's default")
+        super().__init__(space=space, n_objectives=n_objectives)
+        dimension = len(space)
+        options = {
+            "bounds": [[0.0] * dimension, [1.0] * dimension],
+            "randn": _GeneratorNormal(np.random.default_rng(seed)),
+            "seed": np.nan,  # nan: pycma leaves numpy's global seed alone
+            "verbose": -9,
+            "verb_log": 0,  # no outcmaes/ files in the working directory
+            "verb_disp": 0,
+        }
+        if popsize is not None:
+            options["popsize"] = popsize
+        self._es = cma.CMAEvolutionStrategy([0.5] * dimension, sigma0, options)
+        self._next_id = 0
+        self._asked_unit: np.ndarray | None = None
+
+    def _ask_generation(self) -> list[Proposal]:
+        self._asked_unit = np.array(self._es.ask())
+        ids = range(self._next_id, self._next_id + len(self._asked_unit))
+        self._next_id += len(self._asked_unit)
+        return [Proposal(id=i, x=x) for i, x in zip(ids, self.space.from_unit(self._asked_unit), strict=True)]
+
+    def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
+        # pycma minimizes.
+        self._es.tell(list(self._asked_unit), (-scores[:, 0]).tolist())
+        self._asked_unit = None
+
+    def _algorithm_state(self) -> dict[str, Any]:
+        return {"es": pickle.dumps(self._es), "next_id": self._next_id}
+
+    def _load_algorithm_state(self, state: dict[str, Any]) -> None:
+        self._es = pickle.loads(state["es"])
+        self._next_id = state["next_id"]
+        self._asked_unit = None

@@ -1,0 +1,246 @@
+"""NSGA-II and TPE through optuna's samplers, on an in-memory study mirrored to run_dir/optuna.db.
+
+Resume never reads optuna.db: the file cannot hold the sampler's random state, and a kill between the
+file's refresh and the loop's checkpoint leaves it a generation ahead. `state_dict()` holds the pickled
+sampler (optuna's documented way to resume a sampler), the completed trials with their system attrs,
+and the study's system attrs; NSGA-II keeps its generation bookkeeping in those attrs, so the rebuilt
+study is the one the sampler left. Trials asked but never told are not in it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import EvomergeError
+from evomerge.optimizer.base import Optimizer, Proposal
+from evomerge.optimizer.space import BinaryDim, SearchSpace
+
+STUDY_NAME = "evomerge"
+_WRITTEN_KEY = "evomerge:written"
+
+
+class OptunaOptimizer(Optimizer):
+    """Asks `batch_size` trials per generation from `sampler` on a study maximizing every objective."""
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        n_objectives: int,
+        sampler: optuna.samplers.BaseSampler,
+        batch_size: int,
+        run_dir: Path | str | None,
+    ) -> None:
+        super().__init__(space=space, n_objectives=n_objectives)
+        self.batch_size = batch_size
+        self._distributions: dict[str, BaseDistribution] = {
+            dim.name: CategoricalDistribution((0, 1))
+            if isinstance(dim, BinaryDim)
+            else FloatDistribution(dim.low, dim.high)
+            for dim in space
+        }
+        self._storage, self._study = self._new_study(sampler)
+        self._asked_trials: list[optuna.Trial] = []
+        self._study_file = None if run_dir is None else OptunaStudyFile(path=Path(run_dir) / "optuna.db")
+
+    def _new_study(self, sampler: optuna.samplers.BaseSampler) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            study_name=STUDY_NAME,
+            directions=["maximize"] * self.n_objectives,
+        )
+        return storage, study
+
+    def _study_id(self) -> int:
+        return self._storage.get_study_id_from_name(STUDY_NAME)
+
+    def _ask_generation(self) -> list[Proposal]:
+        self._asked_trials = [self._study.ask(self._distributions) for _ in range(self.batch_size)]
+        return [
+            Proposal(id=trial.number, x=np.array([trial.params[name] for name in self.space.names], dtype=float))
+            for trial in self._asked_trials
+        ]
+
+    def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
+        # Failures are told as COMPLETE with the penalty, not as FAIL: optuna counts only complete trials
+        # toward an NSGA-II generation (a FAIL stretches the generation into the next batch), and TPE
+        # drops failed trials, so it keeps proposing the region that fails.
+        for trial, row, trial_failed in zip(self._asked_trials, scores, failed, strict=True):
+            if trial_failed:
+                trial.set_user_attr("failed", True)
+            self._study.tell(trial, row.tolist())
+        self._asked_trials = []
+        if self._study_file is not None:
+            self._study_file.refresh(trials=self._completed_trials(), n_objectives=self.n_objectives)
+
+    def _completed_trials(self) -> list[FrozenTrial]:
+        return self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def _algorithm_state(self) -> dict[str, Any]:
+        return {
+            "sampler": pickle.dumps(self._study.sampler),
+            "study_system_attrs": dict(self._storage.get_study_system_attrs(self._study_id())),
+            "trials": [_trial_record(trial) for trial in self._completed_trials()],
+        }
+
+    def _load_algorithm_state(self, state: dict[str, Any]) -> None:
+        self._storage, self._study = self._new_study(pickle.loads(state["sampler"]))
+        for key, value in state["study_system_attrs"].items():
+            self._storage.set_study_system_attr(self._study_id(), key, value)
+        self._study.add_trials([self._trial_from_record(record) for record in state["trials"]])
+        self._asked_trials = []
+
+    def _trial_from_record(self, record: dict[str, Any]) -> FrozenTrial:
+        return FrozenTrial(
+            number=record["number"],
+            trial_id=record["number"],
+            state=TrialState.COMPLETE,
+            value=None,
+            values=record["values"],
+            datetime_start=datetime.datetime.fromisoformat(record["datetime_start"]),
+            datetime_complete=datetime.datetime.fromisoformat(record["datetime_complete"]),
+            params=record["params"],
+            distributions=self._distributions,
+            user_attrs=record["user_attrs"],
+            system_attrs=record["system_attrs"],
+            intermediate_values={},
+        )
+
+
+class NSGA2Optimizer(OptunaOptimizer):
+    """NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) via `optuna.samplers.NSGAIISampler`."""
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        n_objectives: int,
+        seed: int,
+        run_dir: Path | str | None = None,
+        population_size: int = 20,
+        mutation_prob: float | None = None,
+        crossover_prob: float = 0.9,
+        swapping_prob: float = 0.5,
+    ) -> None:
+        if population_size < 2:
+            raise EvomergeError(f"optimizer.population_size is {population_size}", "Give population_size >= 2")
+        sampler = optuna.samplers.NSGAIISampler(
+            population_size=population_size,
+            mutation_prob=mutation_prob,
+            crossover_prob=crossover_prob,
+            swapping_prob=swapping_prob,
+            seed=seed,
+        )
+        # One of our generations is exactly one NSGA-II population: optuna dates a trial's generation when
+        # it is asked, by counting completed trials, so any other batch size would blur generations.
+        super().__init__(
+            space=space,
+            n_objectives=n_objectives,
+            sampler=sampler,
+            batch_size=population_size,
+            run_dir=run_dir,
+        )
+
+
+class TPEOptimizer(OptunaOptimizer):
+    """Tree-structured Parzen estimator (Watanabe 2023, arXiv:2304.11127) via `optuna.samplers.TPESampler`.
+
+    Candidates of one generation are asked before any is told; optuna 5's default `constant_liar=True`
+    counts the ones still running as bad, which spreads a batch out instead of repeating one proposal.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        n_objectives: int,
+        seed: int,
+        run_dir: Path | str | None = None,
+        batch_size: int = 20,
+        n_startup_trials: int = 20,
+        multivariate: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise EvomergeError(f"optimizer.batch_size is {batch_size}", "Give batch_size >= 1")
+        sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup_trials, multivariate=multivariate, seed=seed)
+        super().__init__(
+            space=space, n_objectives=n_objectives, sampler=sampler, batch_size=batch_size, run_dir=run_dir
+        )
+
+
+class OptunaStudyFile:
+    """run_dir/optuna.db: the completed trials as an optuna SQLite study, for people and optuna-dashboard.
+
+    Each refresh copies the file, appends the new trials to the copy and renames it over the original,
+    so a kill leaves the previous version whole. It appends rather than rewrites because optuna's RDB
+    storage writes a trial in tens of milliseconds (more with many parameters). The file records how
+    many trials it holds and their digest, so a refresh after a resume can tell whether the file is still
+    a prefix of this run's history; when it is not (it ran ahead and the rerun scored differently) the
+    study in it is rebuilt.
+    """
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+
+    def refresh(self, *, trials: list[FrozenTrial], n_objectives: int) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        if self.path.exists():
+            shutil.copyfile(self.path, partial)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{partial}")
+        try:
+            study_id, n_written = self._study_holding_prefix(storage, trials, n_objectives)
+            for trial in trials[n_written:]:
+                storage.create_new_trial(study_id, template_trial=trial)
+            storage.set_study_system_attr(study_id, _WRITTEN_KEY, {"n_trials": len(trials), "digest": _digest(trials)})
+        finally:
+            storage.remove_session()
+            storage.engine.dispose()
+        os.replace(partial, self.path)
+
+    def _study_holding_prefix(
+        self, storage: optuna.storages.RDBStorage, trials: list[FrozenTrial], n_objectives: int
+    ) -> tuple[int, int]:
+        """The file's study and how many of `trials` it holds, or a new empty study if it holds others."""
+        directions = [optuna.study.StudyDirection.MAXIMIZE] * n_objectives
+        try:
+            study_id = storage.get_study_id_from_name(STUDY_NAME)
+        except KeyError:
+            return storage.create_new_study(directions, STUDY_NAME), 0
+        written = storage.get_study_system_attrs(study_id).get(_WRITTEN_KEY, {"n_trials": -1})
+        n_written = written["n_trials"]
+        if 0 <= n_written <= len(trials) and written["digest"] == _digest(trials[:n_written]):
+            return study_id, n_written
+        storage.delete_study(study_id)
+        return storage.create_new_study(directions, STUDY_NAME), 0
+
+
+def _trial_record(trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "params": dict(trial.params),
+        "values": list(trial.values),
+        "user_attrs": dict(trial.user_attrs),
+        "system_attrs": dict(trial.system_attrs),
+        "datetime_start": trial.datetime_start.isoformat(),
+        "datetime_complete": trial.datetime_complete.isoformat(),
+    }
+
+
+def _digest(trials: list[FrozenTrial]) -> str:
+    history = [[trial.number, trial.params, trial.values] for trial in trials]
+    return hashlib.sha256(json.dumps(history, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,146 @@
+"""The search loop: ask a generation, score the new candidates, tell, checkpoint. Read top to bottom.
+
+Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state,
+the evaluation cache and the generation counter are saved together after each generation, and
+candidates scored after the last checkpoint (by a process that was killed) are asked again and
+take their logged scores instead of being evaluated twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from evomerge.evaluate.lm_eval_scorer import weighted_sum
+from evomerge.executor.worker import Outcome
+from evomerge.genome.ps import ParameterSpaceGenome
+from evomerge.optimizer.base import Optimizer
+from evomerge.optimizer.pareto import ParetoFront
+from evomerge.recipe.recipe import Recipe
+from evomerge.search.progress import Progress
+from evomerge.search.run_folder import RunFolder
+from evomerge.search.state import Best, SearchState
+
+
+@dataclass(frozen=True)
+class Budget:
+    evaluations: int | None = None
+    wall_time_s: float | None = None
+
+    def spent(self, state: SearchState) -> bool:
+        over_count = self.evaluations is not None and state.evaluations >= self.evaluations
+        over_time = self.wall_time_s is not None and state.elapsed_s >= self.wall_time_s
+        return over_count or over_time
+
+
+def run_search(
+    *,
+    run: RunFolder,
+    genome: ParameterSpaceGenome,
+    optimizer: Optimizer,
+    evaluate: Callable[[list[Recipe]], Iterator[tuple[int, Outcome]]],
+    objectives: list[dict],
+    budget: Budget,
+) -> SearchState:
+    """Drive the search until the budget is spent, checkpointing after every generation."""
+    state = run.load_checkpoint()
+    if state is None:
+        state = SearchState(optimizer=optimizer.state_dict(), front=ParetoFront(n_objectives=len(objectives)))
+    else:
+        optimizer.load_state_dict(state.optimizer)
+    replay = {row["key"]: row for row in run.truncate_evaluations(state.evaluations)}
+    progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
+
+    while not budget.spent(state):
+        started = time.perf_counter()
+        proposals = optimizer.ask()
+        recipes = [genome.to_recipe(p.x) for p in proposals]
+        keys = [r.canonical() for r in recipes]
+
+        fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
+        arrived: dict[str, Outcome] = {}
+        scores: list[tuple[float, ...]] = []
+        # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
+        # at most the candidates still in flight.
+        _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+        for position, outcome in evaluate([recipes[i] for i in fresh]):
+            arrived[keys[fresh[position]]] = outcome
+            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+        _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+
+        optimizer.tell(proposals, scores)
+        finite = [s[0] for s in scores if math.isfinite(s[0])]
+        state.history.append(
+            {
+                "generation": state.generation,
+                "best": state.best.scores[0] if state.best else math.nan,
+                "mean": float(np.mean(finite)) if finite else math.nan,
+            }
+        )
+        state.generation += 1
+        state.elapsed_s += time.perf_counter() - started
+        state.optimizer = optimizer.state_dict()
+        run.save_checkpoint(state)
+        progress.generation_done(state)
+    progress.close(state)
+    return state
+
+
+def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores) -> None:
+    """Log (and cache) the next rows of this generation whose scores are known; append to ``scores``."""
+    while len(scores) < len(proposals):
+        i = len(scores)
+        key = keys[i]
+        cached = key in state.cache
+        if cached:
+            score, metrics, error = state.cache[key]
+            seconds = 0.0
+        elif key in replay:
+            row = replay.pop(key)
+            score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
+        elif key in arrived:
+            outcome = arrived.pop(key)
+            metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
+            score = _objective_scores(metrics, error, objectives)
+        else:
+            return
+        state.cache[key] = (score, metrics, error)
+        row = {
+            "index": state.evaluations,
+            "generation": state.generation,
+            "proposal": proposals[i].id,
+            "key": key,
+            "recipe": recipes[i].to_plain(),
+            "scores": [s if math.isfinite(s) else None for s in score],
+            "metrics": metrics,
+            "error": error,
+            "cached": cached,
+            "seconds": seconds,
+        }
+        run.append_evaluation(row)
+        _update_best(state, row, score)
+        scores.append(score)
+        state.evaluations += 1
+
+
+def _objective_scores(metrics: dict[str, float] | None, error: str | None, objectives: list[dict]) -> tuple[float, ...]:
+    if metrics is None or error is not None:
+        return tuple(-math.inf for _ in objectives)
+    values = (weighted_sum(metrics, dict(o["terms"])) for o in objectives)
+    return tuple(v if math.isfinite(v) else -math.inf for v in values)
+
+
+def _scores(logged: list[float | None]) -> tuple[float, ...]:
+    return tuple(-math.inf if s is None else float(s) for s in logged)
+
+
+def _update_best(state: SearchState, row: dict, score: tuple[float, ...]) -> None:
+    if not all(math.isfinite(s) for s in score):
+        return
+    state.front.add(id=row["index"], scores=score)
+    if state.best is None or score[0] > state.best.scores[0]:
+        state.best = Best(index=row["index"], recipe=row["recipe"], scores=score, metrics=row["metrics"])

@@ -1,0 +1,45 @@
+"""What a person watching the run sees: a bar that advances per generation, then a summary table."""
+
+from __future__ import annotations
+
+import math
+
+from tqdm.auto import tqdm
+
+from evomerge.search.state import SearchState
+
+
+class Progress:
+    def __init__(self, *, objectives: list[str], budget: int | None, start: SearchState) -> None:
+        self.objectives = objectives
+        self._bar = tqdm(total=budget, initial=start.evaluations, unit="eval", desc="search", dynamic_ncols=True)
+
+    def generation_done(self, state: SearchState) -> None:
+        last = state.history[-1]
+        self._bar.set_postfix_str(f"gen {last['generation']} best {last['best']:.4f} mean {last['mean']:.4f}")
+        self._bar.update(state.evaluations - self._bar.n)
+
+    def close(self, state: SearchState) -> None:
+        self._bar.close()
+        print(summary_table(state, self.objectives))
+
+
+def summary_table(state: SearchState, objectives: list[str]) -> str:
+    fresh = sum(1 for _ in state.cache)
+    lines = [
+        "",
+        f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct) | "
+        f"wall {state.elapsed_s:.1f} s",
+        "",
+        "| objective | best |",
+        "| --- | --- |",
+    ]
+    if state.best is not None:
+        lines += [f"| {name} | {value:.4f} |" for name, value in zip(objectives, state.best.scores, strict=True)]
+        lines += ["", "best candidate's metrics:"]
+        lines += [f"  {k} = {v:.4f}" for k, v in sorted((state.best.metrics or {}).items()) if math.isfinite(v)]
+    else:
+        lines.append("| (no candidate succeeded) | - |")
+    if len(objectives) > 1 and state.front is not None:
+        lines.append(f"\nPareto front: {len(state.front)} candidates (evomerge export RUN_DIR OUT --pareto)")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Set up a search from its config, drive it, and clean up: the thin layer between the CLI and the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.config import check_config
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.lm_eval_scorer import TaskSet
+from evomerge.executor.serial import SerialExecutor
+from evomerge.executor.worker import WorkerSpec
+from evomerge.genome.ps import ParameterSpaceGenome
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.recipe.recipe import Recipe
+from evomerge.search.loop import Budget, run_search
+from evomerge.search.plots import write_plots
+from evomerge.search.run_folder import RunFolder
+from evomerge.search.state import SearchState
+
+
+def start(cfg: DictConfig, run_dir: Path) -> SearchState:
+    """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
+    check_config(cfg)
+    build_genome(cfg, template_recipe(cfg))  # every config error surfaces before the run folder is made
+    run = RunFolder(run_dir)
+    if run.config_path.exists():
+        raise EvomergeError(
+            f"'{run_dir}' already holds a run", f"continue it with `evomerge resume {run_dir}` or pick a new run_dir"
+        )
+    run.lock()
+    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    return _drive(OmegaConf.load(run.config_path), run)
+
+
+def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
+    """Continue a run from its checkpoint; a changed config is refused (with the diff) unless forced."""
+    run = RunFolder(run_dir)
+    if not run.config_path.exists():
+        raise EvomergeError(f"'{run_dir}' holds no evomerge run (no config.yaml)", "check the path")
+    saved = OmegaConf.load(run.config_path)
+    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)) if overrides else saved
+    diff = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
+    if diff and not force:
+        raise EvomergeError(
+            "resuming with a changed config would not continue the same search: " + "; ".join(diff),
+            "resume without overrides, or pass --force to continue with the new values",
+        )
+    check_config(cfg)
+    run.lock()
+    if diff:
+        run.write_config(OmegaConf.to_yaml(cfg))
+    return _drive(cfg, run)
+
+
+def template_recipe(cfg: DictConfig) -> Recipe:
+    """The recipe every candidate shares; the genome fills in the searched knobs."""
+    return Recipe.from_plain(
+        {
+            "method": cfg.method.name,
+            "base": cfg.models.base,
+            "models": [{"model": path} for path in cfg.models.experts],
+            "parameters": OmegaConf.to_container(cfg.method.parameters),
+            "dtype": str(cfg.dtype.value if hasattr(cfg.dtype, "value") else cfg.dtype),
+            "seed": cfg.seed,
+        },
+        where="config (models/method)",
+    )
+
+
+def build_genome(cfg: DictConfig, template: Recipe) -> ParameterSpaceGenome:
+    genome = cfg.genome
+    return ParameterSpaceGenome(
+        template=template,
+        num_layers=Checkpoint.open(cfg.models.base).num_layers,
+        layer_groups=genome.layer_groups,
+        filters=list(genome.filters),
+        params=None if genome.params is None else list(genome.params),
+        ranges={k: list(v) for k, v in genome.ranges.items()},
+    )
+
+
+def task_set(cfg: DictConfig) -> TaskSet:
+    tasks = cfg.tasks
+    return TaskSet(
+        names=tuple(tasks.names),
+        include_path=tasks.include_path,
+        limit=tasks.limit,
+        sample_seed=tasks.sample_seed,
+        num_fewshot=tasks.num_fewshot,
+        batch_size=tasks.batch_size,
+        acknowledge_test_split=tasks.acknowledge_test_split,
+    )
+
+
+def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
+    try:
+        template = template_recipe(cfg)
+        genome = build_genome(cfg, template)
+        objectives = [{"name": o.name, "terms": dict(o.terms)} for o in cfg.objectives]
+        print(
+            f"evomerge: {genome.dimension}-dimensional genome over {template.method} ({len(objectives)} objective(s))"
+        )
+        optimizer = _instantiate_optimizer(cfg, genome, len(objectives), run.path)
+        # Workers validate the recipe family on a complete candidate: the centre of the box.
+        center = genome.to_recipe([0.5] * genome.dimension)
+        spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
+        executor = SerialExecutor(spec=spec)
+        try:
+            state = run_search(
+                run=run,
+                genome=genome,
+                optimizer=optimizer,
+                evaluate=executor.evaluate,
+                objectives=objectives,
+                budget=Budget(evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s),
+            )
+        finally:
+            executor.close()
+        write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
+        return state
+    finally:
+        run.close()
+
+
+def _instantiate_optimizer(cfg: DictConfig, genome: ParameterSpaceGenome, n_objectives: int, run_dir: Path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study restored per resume is not news
+    try:
+        return instantiate(
+            cfg.optimizer, space=genome.space, n_objectives=n_objectives, seed=cfg.seed, run_dir=str(run_dir)
+        )
+    except InstantiationException as error:
+        # Hydra wraps what the constructor raised; a user error must reach the user as itself.
+        if isinstance(error.__cause__, EvomergeError):
+            raise error.__cause__ from None
+        raise
+
+
+def _diff(old: object, new: object, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            lines += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return lines
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
