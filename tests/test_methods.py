@@ -20,9 +20,7 @@ REQUIRED = {"weight": 0.7, "t": 0.4}
 PRUNING = {"density": 0.5}
 
 
-def call(
-    name: str, base: torch.Tensor | None, models: torch.Tensor, seed: int = 0, **overrides
-) -> torch.Tensor:
+def call(name: str, base: torch.Tensor | None, models: torch.Tensor, seed: int = 0, **overrides) -> torch.Tensor:
     """Run method ``name`` on ``models`` ([N, ...] raw tensors) the way the materializer does: task
     vectors for delta methods, per-model values as a length-N tensor, a seeded generator if random."""
     method = get_method(name)
@@ -42,11 +40,7 @@ def call(
 
 
 def model_counts(method: MergeMethod) -> list[int]:
-    allowed = [
-        n
-        for n in (1, 2, 3)
-        if n >= method.min_models and (method.max_models is None or n <= method.max_models)
-    ]
+    allowed = [n for n in (1, 2, 3) if n >= method.min_models and (method.max_models is None or n <= method.max_models)]
     return sorted({allowed[0], allowed[-1]})
 
 
@@ -151,9 +145,7 @@ def test_runs_on_cuda_like_on_cpu(name: str) -> None:
     merged = call(name, base.cuda(), models.cuda(), **pruning(name))
     assert merged.device.type == "cuda"
     if not method.random:
-        torch.testing.assert_close(
-            merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,11 +363,28 @@ def test_ties_keeps_at_least_one_entry() -> None:
     torch.testing.assert_close(merged, BASE4 + torch.tensor([0.0, -4.0, 0.0, 0.0]))
 
 
+def test_kept_count_uses_the_exact_density() -> None:
+    # density 0.7 of 10 entries keeps int(0.7 * 10) = 7 (mergekit's Python float). Per-model values
+    # must reach the method as float64: in float32, 0.7 is 0.69999999 and int(6.9999999) would keep 6.
+    delta = torch.arange(1.0, 11.0)
+    density = torch.tensor([0.7], dtype=torch.float64)
+    merged = get_method("ties").fn(
+        torch.zeros(10),
+        delta[None],
+        weight=torch.ones(1),
+        density=density,
+        normalize=True,
+        rescale=False,
+        lambda_=1.0,
+        int8_mask=False,
+    )
+    # The 7 largest survive: 4..10.
+    torch.testing.assert_close(merged, torch.tensor([0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]))
+
+
 def test_int8_mask_changes_nothing() -> None:
     plain = call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5)
-    assert torch.equal(
-        plain, call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5, int8_mask=True)
-    )
+    assert torch.equal(plain, call("ties", BASE4, TIES_MODELS, weight=[1.0, 2.0, 1.0], density=0.5, int8_mask=True))
 
 
 # Ten entries, by magnitude: 0.1 0.2 0.3 | 0.5 1 1.5 2 3 | 4 5
@@ -426,9 +435,7 @@ def test_model_stock_t_by_hand() -> None:
     merged = call("model_stock", base3, torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
     torch.testing.assert_close(merged, torch.full((3,), 0.5))
     # Opposite task vectors with N = 2: 1 + (N-1) cos = 0, singular: the base is kept.
-    torch.testing.assert_close(
-        call("model_stock", base, base + torch.tensor([[1.0, 0.0], [-1.0, 0.0]])), base
-    )
+    torch.testing.assert_close(call("model_stock", base, base + torch.tensor([[1.0, 0.0], [-1.0, 0.0]])), base)
 
 
 def test_model_stock_filter_wise_takes_one_angle_per_row() -> None:
@@ -451,9 +458,7 @@ def test_dare_keeps_or_drops_and_rescales_by_the_l1_norm() -> None:
     # Each survivor is scaled by |delta|_1 / |kept|_1 = 36 / (sum of the kept magnitudes).
     scale = 36.0 / delta[kept].abs().sum()
     torch.testing.assert_close(merged[kept], delta[kept] * scale)
-    unscaled = call(
-        "dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3, rescale=False
-    )
+    unscaled = call("dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3, rescale=False)
     torch.testing.assert_close(unscaled[kept], delta[kept])
 
 
@@ -475,9 +480,7 @@ def test_della_rejects_probabilities_outside_zero_one() -> None:
     with pytest.raises(EvomergeError, match="epsilon"):
         call("della", torch.zeros(10), models, weight=1.0, density=0.9, epsilon=0.15)
     # density 1 prunes nothing, so any epsilon is fine (as in mergekit).
-    torch.testing.assert_close(
-        call("della", torch.zeros(10), models, weight=1.0, density=1.0, epsilon=0.4), models[0]
-    )
+    torch.testing.assert_close(call("della", torch.zeros(10), models, weight=1.0, density=1.0, epsilon=0.4), models[0])
 
 
 # ---------------------------------------------------------------------------------------------------

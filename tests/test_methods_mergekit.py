@@ -263,6 +263,4 @@ def test_matches_mergekit(index: int, mergekit_outputs: list) -> None:
         scale = float32_reference.abs().clamp(min=1)
         return ((merged.float() - float32_reference).abs() / scale).max().item()
 
-    assert error(got) <= error(expected) + BF16_SLACK, (
-        f"{case['id']}: {error(got):.3g} vs {error(expected):.3g}"
-    )
+    assert error(got) <= error(expected) + BF16_SLACK, f"{case['id']}: {error(got):.3g} vs {error(expected):.3g}"
