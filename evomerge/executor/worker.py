@@ -37,6 +37,9 @@ class Outcome:
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one model load; its bar would bury the search's
 
         template = spec.template
         reference = template.base if template.base is not None else template.models[0].model

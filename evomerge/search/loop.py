@@ -106,6 +106,7 @@ def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives
             outcome = arrived.pop(key)
             metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
             score = _objective_scores(metrics, error, objectives)
+            state.evaluating_s += seconds
         else:
             return
         state.cache[key] = (score, metrics, error)

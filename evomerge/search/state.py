@@ -22,6 +22,7 @@ class SearchState:
     generation: int = 0
     evaluations: int = 0  # rows of evaluations.jsonl this state accounts for
     elapsed_s: float = 0.0  # wall time spent by all processes that drove the run
+    evaluating_s: float = 0.0  # of which workers spent materializing and scoring candidates
     cache: dict[str, tuple[tuple[float, ...], dict[str, float] | None, str | None]] = field(default_factory=dict)
     best: Best | None = None
     front: ParetoFront | None = None
