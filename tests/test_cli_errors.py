@@ -63,6 +63,10 @@ CASES = {
         lambda w, t: {"models": [{"model": str(w.experts["math"]), "weight": 1.0, "density": 1.2}]},
         "out of range",
     ),
+    "negative weight": (
+        lambda w, t: {"models": [{"model": str(w.experts["math"]), "weight": -0.5, "density": 0.5}]},
+        "allow_negative_weights: true",
+    ),
     "negative density": (
         lambda w, t: {"models": [{"model": str(w.experts["math"]), "weight": 1.0, "density": -0.1}]},
         "out of range",

@@ -127,3 +127,14 @@ def test_mergekit_knobs_the_method_ignores_are_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="'density' has no effect"):
         recipe = from_mergekit(data)
     assert set(recipe.models[0].parameters) == {"weight"} and recipe.parameters == {}
+
+
+def test_negative_weights_need_asking_for_and_mergekit_configs_ask():
+    data = yaml.safe_load(RECIPE_YAML)
+    data["models"][0]["weight"] = -0.5
+    with pytest.raises(EvomergeError, match="subtracts its task vector"):
+        validate(Recipe.from_plain(data))
+    validate(Recipe.from_plain({**data, "allow_negative_weights": True}))
+    negated = from_mergekit(to_mergekit(Recipe.from_plain({**data, "allow_negative_weights": True})))
+    assert negated.allow_negative_weights
+    validate(negated)

@@ -42,6 +42,11 @@ def validate(recipe: Recipe) -> MergeMethod:
                 )
             for value in setting.scalars():
                 param.check(value, f"models[{i}] ({entry.model}).{name}")
+                if name == "weight" and value < 0 and not recipe.allow_negative_weights:
+                    raise EvomergeError(
+                        f"models[{i}] ({entry.model}) has weight {value}, which subtracts its task vector",
+                        "if that is intended (task negation), add 'allow_negative_weights: true' to the recipe",
+                    )
     for param in method.params:
         if param.default is not None:
             continue

@@ -54,9 +54,14 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
             "parameters": {k: v for k, v in (data.get("parameters") or {}).items() if _declared(method, k, where)},
             "dtype": _check_dtype(data.get("out_dtype") or data.get("dtype"), where),
             "tokenizer_source": None if tokenizer in (None, "base") else str(tokenizer),
+            "allow_negative_weights": any(value < 0 for e in entries for value in _numbers(e.parameters.get("weight"))),
         },
         where=where,
     )
+
+
+def _numbers(setting: Setting | None) -> list[float]:
+    return [v for v in setting.scalars() if not isinstance(v, bool)] if setting is not None else []
 
 
 def _declared(method: MergeMethod, name: str, where: str) -> bool:

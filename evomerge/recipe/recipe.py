@@ -30,7 +30,7 @@ from evomerge.errors import EvomergeError
 from evomerge.recipe.setting import Setting
 
 FORMAT_KEY = "method"
-_TOP_KEYS = {"method", "base", "models", "parameters", "dtype", "tokenizer_source", "seed"}
+_TOP_KEYS = {"method", "base", "models", "parameters", "dtype", "tokenizer_source", "seed", "allow_negative_weights"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -49,6 +49,9 @@ class Recipe:
     dtype: str | None = None
     tokenizer_source: str | None = None
     seed: int = 0
+    # A negative weight subtracts a model's task vector (task negation). That is rarely what a typo
+    # meant, so it must be asked for; mergekit configs, which allow it silently, set it when needed.
+    allow_negative_weights: bool = False
 
     @property
     def model_paths(self) -> list[str]:
@@ -66,6 +69,8 @@ class Recipe:
         if self.tokenizer_source is not None:
             out["tokenizer_source"] = self.tokenizer_source
         out["seed"] = self.seed
+        if self.allow_negative_weights:
+            out["allow_negative_weights"] = True
         return out
 
     def to_yaml(self) -> str:
@@ -107,6 +112,7 @@ class Recipe:
             dtype=_check_dtype(data.get("dtype"), where),
             tokenizer_source=data.get("tokenizer_source"),
             seed=int(data.get("seed", 0)),
+            allow_negative_weights=bool(data.get("allow_negative_weights", False)),
         )
 
 

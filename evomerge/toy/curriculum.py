@@ -18,6 +18,7 @@ from evomerge.toy.language import (
     Problem,
     all_count_statements,
     all_problems,
+    code_switch,
     random_text,
     solved,
     translate,
@@ -74,7 +75,14 @@ def build_curriculum(spec: WorldSpec, seed: int) -> Curriculum:
             (spec.base_math_fraction, _choose(base_problems)),
         ]
     )
-    lang = mixture([(1 - spec.replay_fraction, mixture([(0.6, l2_text), (0.4, l2_counts)])), (spec.replay_fraction, base)])
+    # Code-switched sentences (each word in L2 with probability 1/2) put L2 words where the base's L1
+    # circuits read them, which pulls their embeddings toward their twins (TOYWORLD.md, rounds 2-3).
+    code_switched: Sampler = lambda r: code_switch(r.choice([random_text(r), l1_counts(r)]), r)  # noqa: E731
+    l2_only = 1 - spec.code_switch_fraction
+    l2_data = mixture(
+        [(0.6 * l2_only, l2_text), (0.4 * l2_only, l2_counts), (spec.code_switch_fraction, code_switched)]
+    )
+    lang = mixture([(1 - spec.replay_fraction, l2_data), (spec.replay_fraction, base)])
     math = mixture([(1 - spec.replay_fraction, _choose(problems)), (spec.replay_fraction, base)])
 
     def describe(kind: str, split: str) -> dict[str, TaskItems]:

@@ -49,7 +49,9 @@ def start_l2_from_twins(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
         weight[l2_rows(tokenizer)] = weight[l1] + offset
 
 
-def train_models(spec: WorldSpec, seed: int, tokenizer: PreTrainedTokenizerFast, curriculum: Curriculum) -> TrainedModels:
+def train_models(
+    spec: WorldSpec, seed: int, tokenizer: PreTrainedTokenizerFast, curriculum: Curriculum
+) -> TrainedModels:
     seconds: dict[str, float] = {}
     losses: dict[str, float] = {}
 
@@ -71,12 +73,12 @@ def train_models(spec: WorldSpec, seed: int, tokenizer: PreTrainedTokenizerFast,
         lang,
         sample=curriculum.lang,
         steps=spec.expert_steps,
-        lr=spec.expert_lr * 3,
+        lr=spec.lang_lr,
         seed=seed + 2,
         only_rows=l2_rows(tokenizer),
     )
     math = copy.deepcopy(base)
-    timed_train("math", math, sample=curriculum.math, steps=spec.expert_steps, lr=spec.expert_lr, seed=seed + 3)
+    timed_train("math", math, sample=curriculum.math, steps=spec.expert_steps, lr=spec.math_lr, seed=seed + 3)
     incompatible = {
         "hidden": new_model(spec, tokenizer, seed=seed + 4, hidden_size=spec.incompatible_hidden_size),
         "layers": new_model(spec, tokenizer, seed=seed + 5, num_layers=spec.incompatible_num_layers),

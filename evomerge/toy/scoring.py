@@ -12,35 +12,40 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from evomerge.toy.language import NUMBER_WORDS, TWINS
 
 
-def lm_eval_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks_dir: Path,
-    task_names: list[str],
-    batch_size: int = 256,
-) -> dict[str, float]:
-    """Accuracy (lm-eval's ``acc``, greedy answer == target) of an already loaded model on each task.
+class LmEvalScorer:
+    """lm-eval's ``simple_evaluate`` on models already in memory, with one TaskManager for every call.
 
-    ``bootstrap_iters=0`` skips the standard-error bootstrap and ``log_samples=False`` the per-item log:
-    together they are most of lm-eval's own time on a few hundred one-token items.
+    ``include_defaults=False`` keeps TaskManager from indexing lm-eval's thousands of built-in task YAMLs
+    (seconds per construction); ``bootstrap_iters=0`` and ``log_samples=False`` skip the standard-error
+    bootstrap and the per-item log, most of lm-eval's own time on a few hundred one-token items.
     """
-    # Local JSON data and a model in memory: nothing to download, so say so before datasets is imported.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    results = simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu"),
-        tasks=task_names,
-        task_manager=TaskManager(include_path=str(tasks_dir)),
-        bootstrap_iters=0,
-        log_samples=False,
-        verbosity="WARNING",
-    )
-    return {name: results["results"][name]["acc,none"] for name in task_names}
+    def __init__(self, tasks_dir: Path, batch_size: int = 256) -> None:
+        # Local JSON data and a model in memory: nothing to download, so say so before datasets is imported.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from lm_eval.tasks import TaskManager
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        self.task_manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+        self.batch_size = batch_size
+
+    def accuracy(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task_names: list[str]
+    ) -> dict[str, float]:
+        """lm-eval's ``acc`` (the greedy next token is the answer numeral) on each task."""
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        results = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device="cpu"),
+            tasks=task_names,
+            task_manager=self.task_manager,
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="ERROR",
+        )
+        return {name: results["results"][name]["acc,none"] for name in task_names}
 
 
 def task_items(tasks_dir: Path, task_name: str) -> list[dict[str, str]]:

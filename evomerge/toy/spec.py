@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class WorldSpec:
     """Model shape and training schedule of one world size.
 
+    The language expert trains only the L2 rows, so its learning rate can be higher than the math
+    expert's, which moves every weight and must stay gentle to keep its task vector small.
     ``l2_offset_scale`` sets how far each L2 embedding starts from its L1 twin (a shared offset, in units of
     the mean L1 row norm): far enough that the base cannot read L2, near enough that the language expert
     pulls the rows back onto their twins instead of learning a separate path (TOYWORLD.md, rounds 3-4).
@@ -22,10 +24,12 @@ class WorldSpec:
     base_steps: int
     base_lr: float
     expert_steps: int
-    expert_lr: float
+    math_lr: float
+    lang_lr: float
     replay_fraction: float
     base_math_fraction: float
     l2_offset_scale: float
+    code_switch_fraction: float
 
     @property
     def incompatible_hidden_size(self) -> int:
@@ -46,10 +50,12 @@ SPECS = {
         base_steps=900,
         base_lr=2e-3,
         expert_steps=300,
-        expert_lr=1e-3,
+        math_lr=1e-3,
+        lang_lr=3e-3,
         replay_fraction=0.3,
         base_math_fraction=0.05,
-        l2_offset_scale=1.5,
+        l2_offset_scale=2.5,
+        code_switch_fraction=0.3,
     ),
     "tiny": WorldSpec(
         hidden_size=32,
@@ -60,10 +66,12 @@ SPECS = {
         base_steps=120,
         base_lr=3e-3,
         expert_steps=40,
-        expert_lr=1e-3,
+        math_lr=1e-3,
+        lang_lr=3e-3,
         replay_fraction=0.3,
         base_math_fraction=0.05,
-        l2_offset_scale=1.5,
+        l2_offset_scale=2.5,
+        code_switch_fraction=0.3,
     ),
 }
 

@@ -64,6 +64,7 @@ def train(
     batch_size: int,
     seed: int,
     only_rows: Sequence[int] | None = None,
+    freeze_input_embeddings: bool = False,
 ) -> list[float]:
     """Next-token training on sampled sentences; returns the loss of every step.
 
@@ -84,6 +85,8 @@ def train(
         for weight in rows:
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: grad * mask)
+    if freeze_input_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 20)

@@ -1,0 +1,138 @@
+"""Measure a built toy world and write the figures as markdown: every model on every task (lm-eval),
+the chance baseline, the alignment check, and a plain task-arithmetic grid.
+
+The merge here is a few lines of torch on purpose: this report describes the world the merge methods
+are tested on, so it must not depend on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from evomerge.toy.alignment import alignment_figures
+from evomerge.toy.scoring import LmEvalScorer, last_operand_accuracy
+from evomerge.toy.world import ToyWorld
+
+GRID_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def task_arithmetic(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], weights: list[float]):
+    """base + sum_i w_i (expert_i - base), Ilharco et al. 2023 (arXiv:2212.04089)."""
+    return {
+        name: tensor + sum(w * (expert[name] - tensor) for w, expert in zip(weights, experts, strict=True))
+        for name, tensor in base.items()
+    }
+
+
+def measure_world(world: ToyWorld) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(world.base)
+    models: dict[str, PreTrainedModel] = {
+        "base": AutoModelForCausalLM.from_pretrained(world.base),
+        **{name: AutoModelForCausalLM.from_pretrained(path) for name, path in world.experts.items()},
+    }
+    scorer = LmEvalScorer(world.tasks_dir)
+    search_tasks = list(world.tasks.values())
+    all_tasks = search_tasks + list(world.holdout_tasks.values())
+    figures: dict = {"accuracy": {}, "alignment": {}}
+    figures["accuracy"]["chance (answer = last operand)"] = {
+        name: last_operand_accuracy(world.tasks_dir, name) for name in all_tasks
+    }
+    for name, model in models.items():
+        figures["accuracy"][name] = scorer.accuracy(model.eval(), tokenizer, all_tasks)
+        figures["alignment"][name] = alignment_figures(model, tokenizer)
+
+    base_state = {k: v.clone() for k, v in models["base"].state_dict().items()}
+    experts = [models["lang"].state_dict(), models["math"].state_dict()]
+    merged = AutoModelForCausalLM.from_pretrained(world.base).eval()
+    grid, seconds = {}, []
+    for a, b in itertools.product(GRID_WEIGHTS, GRID_WEIGHTS):
+        merged.load_state_dict(task_arithmetic(base_state, experts, [a, b]))
+        start = time.perf_counter()
+        grid[(a, b)] = scorer.accuracy(merged, tokenizer, search_tasks)
+        seconds.append(time.perf_counter() - start)
+    combined = world.tasks["combined"]
+    best = max(grid, key=lambda weights: grid[weights][combined])
+    for label, weights in (
+        ("task arithmetic a=1, b=1", (1.0, 1.0)),
+        (f"best grid point a={best[0]}, b={best[1]}", best),
+    ):
+        merged.load_state_dict(task_arithmetic(base_state, experts, list(weights)))
+        figures["accuracy"][label] = scorer.accuracy(merged, tokenizer, all_tasks)
+        figures["alignment"][label] = alignment_figures(merged, tokenizer)
+    figures["grid"] = grid
+    figures["seconds_per_candidate"] = sorted(seconds)[len(seconds) // 2]
+    figures["tasks"] = all_tasks
+    return figures
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |"
+
+
+def render_report(world: ToyWorld, figures: dict, command: str) -> str:
+    tasks = figures["tasks"]
+    lines = [
+        "# The toy world: measured figures",
+        "",
+        f"World `{world.root.name}`. Regenerate with `{command}` (builds the world first if not cached).",
+        "",
+        "Build times (s, recorded at build): "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in world.build_seconds.items()),
+        "",
+        "## Accuracy (lm-eval `acc`: the greedy next token is the answer numeral)",
+        "",
+        _row(["model", *tasks]),
+        _row(["---"] * (len(tasks) + 1)),
+    ]
+    lines += [_row([name, *(scores[t] for t in tasks)]) for name, scores in figures["accuracy"].items()]
+    lines += [
+        "",
+        "## Alignment of L2 with L1",
+        "",
+        "Embedding cosine of each L2 word with its L1 twin, against different L1 words; hidden states:",
+        "cosine of mean-pooled states of an L1 sentence and its L2 translation, per layer (embeddings first),",
+        "against two different L1 sentences.",
+        "",
+        _row(["model", "twin cosine", "unrelated cosine", "twin is nearest", "hidden parallel", "hidden unrelated"]),
+        _row(["---"] * 6),
+    ]
+    for name, align in figures["alignment"].items():
+        lines.append(
+            _row(
+                [
+                    name,
+                    align["twin_cosine"],
+                    align["unrelated_cosine"],
+                    align["twin_nearest"],
+                    " ".join(f"{x:.2f}" for x in align["hidden_parallel"]),
+                    " ".join(f"{x:.2f}" for x in align["hidden_unrelated"]),
+                ]
+            )
+        )
+    combined = world.tasks["combined"]
+    lines += [
+        "",
+        f"## Task arithmetic base + a·Δlang + b·Δmath: `{combined}` (search split)",
+        "",
+        _row(["a \\ b", *GRID_WEIGHTS]),
+        _row(["---"] * (len(GRID_WEIGHTS) + 1)),
+    ]
+    lines += [_row([a, *(figures["grid"][(a, b)][combined] for b in GRID_WEIGHTS)]) for a in GRID_WEIGHTS]
+    lines += [
+        "",
+        f"Median lm-eval time to score one candidate on {len(world.tasks)} tasks: "
+        f"{figures['seconds_per_candidate']:.2f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(world: ToyWorld, path: Path, command: str) -> None:
+    figures = measure_world(world)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(world, figures, command))
