@@ -28,7 +28,12 @@ def export_run(
     rows = run.read_evaluations()[: state.evaluations]
     objectives = [o["name"] for o in _objectives(run)]
     if pareto:
-        chosen = [rows[i] for i in state.front.ids]
+        # One model per distinct point of the front: candidates with equal scores are alternatives
+        # the search could not tell apart, so the earliest stands for them.
+        points = {}
+        for member in state.front.members:
+            points.setdefault(member.scores, rows[member.id])
+        chosen = list(points.values())
         targets = [Path(out_dir) / f"pareto-{n:02d}" for n in range(len(chosen))]
     else:
         ranked = _ranked(rows)
