@@ -50,7 +50,7 @@ class LMEvalScorer:
         self.tasks = tasks
         with _quiet():
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=tasks.batch_size)
-            manager = TaskManager(include_path=tasks.include_path, verbosity="ERROR")
+            manager = _task_manager(TaskManager, tasks)
         unknown = [name for name in tasks.names if not manager.match_tasks([name])]
         if unknown:
             raise EvomergeError(
@@ -86,6 +86,16 @@ class LMEvalScorer:
                     continue
                 metrics[f"{task}/{metric}"] = float(value)
         return metrics
+
+
+def _task_manager(task_manager_class, tasks: TaskSet):
+    """Index only the user's folder when it holds every task: indexing lm-eval's own thousands of task
+    YAMLs costs ~12 s per worker start, and user tasks usually live in their own folder."""
+    if tasks.include_path is not None:
+        local = task_manager_class(include_path=tasks.include_path, include_defaults=False)
+        if all(local.match_tasks([name]) for name in tasks.names):
+            return local
+    return task_manager_class(include_path=tasks.include_path)
 
 
 @contextlib.contextmanager
