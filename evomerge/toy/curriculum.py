@@ -85,6 +85,9 @@ def build_curriculum(spec: WorldSpec, seed: int) -> Curriculum:
     lang = mixture([(1 - spec.replay_fraction, l2_data), (spec.replay_fraction, base)])
     math = mixture([(1 - spec.replay_fraction, _choose(problems)), (spec.replay_fraction, base)])
 
+    lang_items = {"": lang_search, "_holdout": lang_holdout}
+    math_items = {"": search_problems, "_holdout": holdout_problems}
+
     def describe(kind: str, split: str) -> dict[str, TaskItems]:
         return {
             "lang": _items(f"toy_lang{split}", f"L2 count statement -> numeral{kind}", lang_items[split], True),
@@ -94,8 +97,6 @@ def build_curriculum(spec: WorldSpec, seed: int) -> Curriculum:
             ),
         }
 
-    lang_items = {"": lang_search, "_holdout": lang_holdout}
-    math_items = {"": search_problems, "_holdout": holdout_problems}
     return Curriculum(
         base=base,
         lang=lang,

@@ -76,5 +76,7 @@ SPECS = {
 }
 
 # Each build runs on this many threads whatever the machine has: CPU kernels sum in a thread-dependent
-# order, so a fixed count is what makes the same seed give the same tensors.
-TORCH_THREADS = 2
+# order, so a fixed count is what makes the same seed give the same tensors. One thread, because at
+# these sizes (hidden 128, batches of 64 short sentences) a second thread was slower on a shared 2-core
+# machine (measured 118-140 vs 160-176 ms per full-size step).
+TORCH_THREADS = 1

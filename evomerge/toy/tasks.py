@@ -35,7 +35,10 @@ def write_task(item_set: TaskItems, tasks_dir: Path, final_tasks_dir: Path) -> N
     folder.mkdir(parents=True)
     with open(folder / "test.jsonl", "w") as handle:
         for prompt, answer in zip(item_set.prompts, item_set.answers, strict=True):
-            handle.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+            # "target" carries the leading space: a loglikelihood request scores the target as the literal
+            # continuation (no target_delimiter), and the word-level tokenizer splits on that space.
+            record = {"prompt": prompt, "answer": answer, "target": f" {answer}"}
+            handle.write(json.dumps(record) + "\n")
     config = {
         "task": item_set.name,
         "tag": ["toy"],
@@ -43,10 +46,9 @@ def write_task(item_set: TaskItems, tasks_dir: Path, final_tasks_dir: Path) -> N
         "dataset_kwargs": {"data_files": {"test": str(final_tasks_dir / item_set.name / "test.jsonl")}},
         "test_split": "test",
         "output_type": "loglikelihood",
-        "doc_to_text": "{{prompt}}",
-        # loglikelihood requests take the target as the literal continuation (no target_delimiter), and
-        # the word-level tokenizer needs the space to split the numeral off the prompt's last word.
-        "doc_to_target": "{{' ' + answer}}",
+        # Field names, not Jinja templates: lm-eval compiles a template once per item (~0.9 s of a 2 s call).
+        "doc_to_text": "prompt",
+        "doc_to_target": "target",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "description": item_set.description},
     }
