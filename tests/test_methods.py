@@ -450,16 +450,16 @@ def test_model_stock_filter_wise_takes_one_angle_per_row() -> None:
     torch.testing.assert_close(merged, 0.9180581 * torch.tensor([[0.5, 0.5], [2.5, 0.0]]))
 
 
-def test_dare_keeps_or_drops_and_rescales_by_the_l1_norm() -> None:
+def test_dare_at_density_one_half_doubles_the_survivors() -> None:
+    # Each entry survives with probability 1/2 and is divided by it: kept entries are exactly 2 delta.
     delta = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0])
     merged = call("dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3)
-    kept = merged != 0
-    assert 0 < kept.sum() < 8
-    # Each survivor is scaled by |delta|_1 / |kept|_1 = 36 / (sum of the kept magnitudes).
-    scale = 36.0 / delta[kept].abs().sum()
-    torch.testing.assert_close(merged[kept], delta[kept] * scale)
+    # The mask is the seeded generator's first 8 Bernoulli(1/2) draws.
+    mask = torch.bernoulli(torch.full((8,), 0.5), generator=torch.Generator().manual_seed(3))
+    assert 0 < mask.sum() < 8
+    assert torch.equal(merged, 2 * delta * mask)
     unscaled = call("dare_linear", torch.zeros(8), delta[None], weight=1.0, density=0.5, seed=3, rescale=False)
-    torch.testing.assert_close(unscaled[kept], delta[kept])
+    assert torch.equal(unscaled, delta * mask)
 
 
 def test_della_keep_probabilities_rise_with_magnitude_rank() -> None:
@@ -473,6 +473,17 @@ def test_della_keep_probabilities_rise_with_magnitude_rank() -> None:
     torch.testing.assert_close(
         frequency, torch.tensor([0.3, 0.4, 0.5, 0.6, 0.7], dtype=torch.float64), atol=0.02, rtol=0
     )
+
+
+def test_della_divides_each_survivor_by_its_keep_probability() -> None:
+    # Ranks 1..5 give keep probabilities 0.3, 0.4, 0.5, 0.6, 0.7 (density 0.5, epsilon 0.2), so survivors
+    # become 1/0.3, -2/0.4 = -5, 3/0.5 = 6, -4/0.6 and 5/0.7; the same seed draws the same mask.
+    rows = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0]).expand(100, 5)
+    settings = {"weight": 1.0, "density": 0.5, "epsilon": 0.2, "seed": 5}
+    rescaled = call("della_linear", torch.zeros(100, 5), rows[None], **settings)
+    unscaled = call("della_linear", torch.zeros(100, 5), rows[None], rescale=False, **settings)
+    assert 0 < (unscaled != 0).sum() < unscaled.numel()
+    torch.testing.assert_close(rescaled, unscaled / torch.tensor([0.3, 0.4, 0.5, 0.6, 0.7]))
 
 
 def test_della_rejects_probabilities_outside_zero_one() -> None:
@@ -498,36 +509,76 @@ def test_same_seed_same_merge_different_seed_different(name: str) -> None:
     assert not torch.equal(first, call(name, base, models, seed=12, density=0.5))
 
 
-def della_expectation(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """E[MagPrune(delta)] under mergekit's rescale: entry i survives with p_i = density - epsilon +
-    2 epsilon (rank_i - 1) / (n - 1), and survivors are scaled by |delta|_1 / |kept|_1, whose
-    expectation for large n is |delta|_1 / sum_j p_j |delta_j|."""
-    ranks = torch.empty(delta.numel()).scatter_(0, delta.abs().argsort(), torch.arange(delta.numel()).float())
-    p = density - epsilon + 2 * epsilon * ranks / (delta.numel() - 1)
-    return p * delta * delta.abs().sum() / (p * delta.abs()).sum()
+def keep_probability(delta: torch.Tensor, name: str, density: float, epsilon: float) -> torch.Tensor:
+    """Each entry's chance of surviving: ``density`` for DARE; for DELLA's MagPrune, ranked along dim 1
+    (a 1-D tensor is one row), density - epsilon + 2 epsilon (rank - 1) / (width - 1)."""
+    if name.startswith("dare"):
+        return torch.full(delta.shape, density, dtype=torch.float64)
+    rows = delta if delta.ndim >= 2 else delta.reshape(1, -1)
+    width = rows.shape[1]
+    if width == 1:
+        return torch.full(delta.shape, density, dtype=torch.float64)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).double()
+    return (density - epsilon + 2 * epsilon * ranks / (width - 1)).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37,), (6, 9), (4, 5, 3), (7, 1)])
+def test_rescale_divides_each_survivor_by_its_keep_probability(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """One model at weight 1 on a zero base: the merge is the sparsified task vector itself. float16
+    draws in float32 on CPU, bfloat16 in bfloat16 (rounding the probabilities, hence bf16 tolerances)."""
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    settings = {"weight": 1.0, "density": 0.25 if name == "dare_linear" else 0.5, "epsilon": 0.25, "seed": 6}
+    zero = torch.zeros(shape, dtype=dtype)
+    rescaled = call(name, zero, delta[None], **settings)
+    unscaled = call(name, zero, delta[None], rescale=False, **settings)
+    kept = unscaled != 0
+    assert kept.any() and torch.equal(kept, rescaled != 0)
+    expected = unscaled.double() / keep_probability(delta, name, settings["density"], settings["epsilon"])
+    torch.testing.assert_close(rescaled, expected.to(dtype))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_rescale_divides_each_model_by_its_own_density(name: str) -> None:
+    """DARE's masks do not depend on the values, so rescaling the survivors by 1 / density_k is the same
+    as merging, unrescaled, task vectors already divided by density_k (sign election included)."""
+    generator = torch.Generator().manual_seed(9)
+    base = torch.randn(16, 24, generator=generator)
+    deltas = torch.randn(3, 16, 24, generator=generator)
+    density = [0.3, 0.6, 0.9]
+    settings = {"weight": [0.6, -0.3, 0.9], "density": density, "normalize": True, "seed": 7}
+    rescaled = call(name, base, base + deltas, **settings)
+    divided = base + deltas / torch.tensor(density)[:, None, None]
+    torch.testing.assert_close(rescaled, call(name, base, divided, rescale=False, **settings))
 
 
 @pytest.mark.parametrize("name", RANDOM)
-def test_mean_over_draws_is_the_expected_merge(name: str) -> None:
-    """DARE's rescale keeps the expected merge at the unpruned one. mergekit's DELLA rescales by the
-    same global L1 ratio, not the paper's per-entry 1/p_i, so its expectation leans toward
-    large-magnitude entries (by up to about epsilon/density); we match mergekit and check that.
-    TIES variants merge one model, where the sign election keeps every nonzero entry."""
+def test_mean_over_draws_is_the_unpruned_merge(name: str) -> None:
+    """Dividing each survivor by its keep probability p makes every sparsified entry unbiased, so the
+    mean over draws converges to the unpruned merge, for DELLA too (mergekit's L1-norm rescale leans
+    toward large-magnitude entries there, by up to about epsilon / density). Entry i of one merge has
+    variance sum_k w_k^2 delta_ki^2 (1 - p_ki) / p_ki, so the mean of D draws misses the unpruned merge
+    by about sqrt(sum_i variance_i / D). TIES variants merge one model, where the sign election keeps
+    every nonzero entry."""
     generator = torch.Generator().manual_seed(8)
     count = 1 if name in {"dare_ties", "della"} else 2
     base = torch.randn(2000, generator=generator)
     models = base + torch.randn(count, 2000, generator=generator)
     weights = torch.tensor([0.6, 0.3][:count])
     deltas = models - base
-    if name.startswith("della"):
-        deltas = torch.stack([della_expectation(delta, 0.5, 0.3) for delta in deltas])
-    expected = base + weights @ deltas
-    draws = torch.stack(
+    draws = 400
+    merged = torch.stack(
         [
             call(name, base, models, seed=s, weight=weights.tolist(), density=0.5, epsilon=0.3, normalize=False)
-            for s in range(300)
+            for s in range(draws)
         ]
     )
-    # Sampling noise of 300 draws is about 0.05 here; DELLA's lean (epsilon 0.3) is about 0.2.
-    error = (draws.mean(dim=0) - expected).norm() / (expected - base).norm()
-    assert error < 0.1
+    p = torch.stack([keep_probability(delta, name, 0.5, 0.3) for delta in deltas])
+    variance = (weights[:, None].double() ** 2 * deltas.double() ** 2 * (1 - p) / p).sum(dim=0)
+    noise = (variance.sum() / draws).sqrt()
+    error = (merged.double().mean(dim=0) - (base + weights @ deltas).double()).norm()
+    # The squared error sums 2000 independent terms, so it stays within a few percent of noise^2.
+    assert error < 1.25 * noise, f"{error:.3g} vs noise {noise:.3g}"

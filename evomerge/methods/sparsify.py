@@ -5,9 +5,14 @@ untouched. Keep ratios arrive as host floats: the number of kept entries is a ho
 sort order, and a ratio of 1 (or more) copies the task vector without drawing anything, exactly as
 mergekit does, so a seeded generator is consumed the same way mergekit consumes torch's global one.
 
-``rescale`` follows mergekit 0.1.5, which matches the L1 norm of the original task vector
-(``masked * |delta|_1 / |masked|_1``), not the papers' element-wise ``1 / p``; for large tensors the two
-agree, and both keep the expected merge close to the unpruned one.
+``rescale`` for the deterministic sparsifiers (magnitude for TIES, magnitude_outliers for Model
+Breadcrumbs) follows mergekit 0.1.5: it matches the L1 norm of the original task vector
+(``masked * |delta|_1 / |masked|_1``). For the random ones (DARE, DELLA) it is the papers' element-wise
+rescale instead: an entry kept with probability ``p`` is divided by ``p`` (DARE's ``1 / density``,
+DELLA's per-entry ``1 / p_i``), so the expected sparsified task vector is the original one exactly, as
+the project's merge-engine issue asks. mergekit 0.1.5 applies its L1 ratio there too, which is biased
+(for DELLA towards large entries, whose keep probabilities are higher); so a rescaled DARE or DELLA merge
+differs from mergekit's by that scale, while the masks it draws are mergekit's, draw for draw.
 """
 
 from __future__ import annotations
@@ -64,12 +69,11 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, out: t
 def random_drop(
     delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale: bool, generator: torch.Generator
 ) -> None:
-    """DARE: keep each entry independently with probability ``density``."""
+    """DARE: keep each entry independently with probability ``density`` (rescaled by ``1 / density``)."""
     if density >= 1:
         out.copy_(delta)
         return
-    work = _draw_dtype(delta)
-    keep_probability = torch.full((), density, dtype=work, device=delta.device).expand(delta.shape)
+    keep_probability = torch.full((), density, dtype=_draw_dtype(delta), device=delta.device)
     _draw_and_mask(delta, keep_probability, out, rescale=rescale, generator=generator)
 
 
@@ -83,7 +87,8 @@ def della_magprune(
     generator: torch.Generator,
 ) -> None:
     """DELLA's MagPrune: keep each entry with a probability rising linearly with its magnitude rank,
-    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest); ``rescale`` divides each
+    survivor by its own keep probability.
 
     Ranks run along dim 1 (within each row of a matrix; over the whole of a 1-D tensor), as in
     mergekit. A row of one entry has no rank spread; mergekit fails there (0/0), we keep it with
@@ -129,17 +134,24 @@ def _draw_and_mask(
     rescale: bool,
     generator: torch.Generator,
 ) -> None:
-    """Bernoulli-mask ``delta`` into ``out`` (one draw per entry, in memory order, like mergekit)."""
+    """Bernoulli-mask ``delta`` into ``out`` (one draw per entry, in memory order, like mergekit), and
+    with ``rescale`` divide each survivor by its keep probability.
+
+    ``keep_probability`` is ``delta``'s shape or a 0-d tensor (one probability for all), in the draw
+    dtype, and is clamped in place once drawn from. Survivors are divided by the very values the draw
+    used (rounded to a 16-bit dtype where the draw is), so the rescale is unbiased for the actual draw.
+    """
+    probability = keep_probability.expand(delta.shape)
     if keep_probability.dtype == out.dtype:
-        out.bernoulli_(keep_probability, generator=generator).mul_(delta)
-        if rescale:
-            rescale_l1_(out, delta)
-        return
-    original = delta.to(keep_probability.dtype)
-    masked = torch.bernoulli(keep_probability, generator=generator).mul_(original)
+        masked = out.bernoulli_(probability, generator=generator).mul_(delta)
+    else:
+        masked = torch.bernoulli(probability, generator=generator).mul_(delta.to(keep_probability.dtype))
     if rescale:
-        rescale_l1_(masked, original)
-    out.copy_(masked)
+        # A probability that rounds to 0 in the draw dtype (a tiny density in float16) never keeps its
+        # entry; the clamp turns that entry's 0 / 0 into 0 and leaves every normal probability unchanged.
+        masked.div_(keep_probability.clamp_(min=torch.finfo(keep_probability.dtype).tiny))
+    if masked is not out:
+        out.copy_(masked)
 
 
 def _keep_only(delta: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
