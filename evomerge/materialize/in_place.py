@@ -41,9 +41,6 @@ class InPlaceMerger:
             for name in self._targets:
                 self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
 
-    def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self._resident.values() for t in pair if t is not None)
-
     def materialize(self, recipe: Recipe) -> None:
         """Overwrite the model's weights with ``recipe``'s merge of the resident sources."""
         method = self._check(recipe)

@@ -28,10 +28,6 @@ class Setting:
     rules: tuple[Rule, ...]
 
     @classmethod
-    def constant(cls, value: Scalar) -> Setting:
-        return cls(rules=(Rule(filter=None, values=(value,)),))
-
-    @classmethod
     def gradient(cls, values: list[float] | tuple[float, ...]) -> Setting:
         return cls(rules=(Rule(filter=None, values=tuple(values)),))
 
