@@ -18,23 +18,21 @@ def write_plots(folder: Path, state: SearchState, objectives: list[str], rows: l
         generations = [h["generation"] for h in state.history]
         ax.plot(generations, [h["best"] for h in state.history], label="best so far")
         ax.plot(generations, [h["mean"] for h in state.history], label="generation mean", alpha=0.7)
-        ax.set_xlabel("generation")
-        ax.set_ylabel(objectives[0])
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / "fitness.png", dpi=120)
-        plt.close(fig)
+        _finish(plt, fig, ax, ("generation", objectives[0]), folder / "fitness.png")
     if len(objectives) >= 2 and state.front is not None:
         points = [r["scores"][:2] for r in rows if r["scores"] and None not in r["scores"][:2]]
         front = sorted(m.scores[:2] for m in state.front.members)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.4, label="evaluated")
         ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="C3", label="Pareto front")
-        ax.set_xlabel(objectives[0])
-        ax.set_ylabel(objectives[1])
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / "pareto.png", dpi=120)
-        plt.close(fig)
+        _finish(plt, fig, ax, (objectives[0], objectives[1]), folder / "pareto.png")
+
+
+def _finish(plt, fig, ax, labels: tuple[str, str], path: Path) -> None:
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -85,16 +85,9 @@ def build_genome(cfg: DictConfig, template: Recipe) -> ParameterSpaceGenome:
 
 
 def task_set(cfg: DictConfig) -> TaskSet:
-    tasks = cfg.tasks
-    return TaskSet(
-        names=tuple(tasks.names),
-        include_path=tasks.include_path,
-        limit=tasks.limit,
-        sample_seed=tasks.sample_seed,
-        num_fewshot=tasks.num_fewshot,
-        batch_size=tasks.batch_size,
-        acknowledge_test_split=tasks.acknowledge_test_split,
-    )
+    """The scorer's task settings: the config's ``tasks`` node, field for field (names as a tuple)."""
+    tasks = OmegaConf.to_container(cfg.tasks)
+    return TaskSet(**{**tasks, "names": tuple(tasks["names"])})
 
 
 def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
