@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evomerge.toy.world as world_module
 from evomerge.errors import EvomergeError
+from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.toy import ToyWorld, build_world
 from evomerge.toy.language import L2_WORDS, translate
 from evomerge.toy.models import tensor_digest
-from evomerge.toy.scoring import LmEvalScorer
 
 L1_SENTENCE = "anna has three cats , so the count is 3"
 
@@ -147,14 +147,13 @@ def test_language_expert_changes_only_the_l2_rows(world: ToyWorld) -> None:
 
 
 def test_task_folders_score_offline_in_lm_eval(world: ToyWorld) -> None:
-    scorer = LmEvalScorer(world.tasks_dir)
-    names = [*world.tasks.values(), *world.holdout_tasks.values()]
-    assert set(names) <= set(scorer.task_manager.all_tasks)
+    names = (*world.tasks.values(), *world.holdout_tasks.values())
     tokenizer = AutoTokenizer.from_pretrained(world.base)
     model = AutoModelForCausalLM.from_pretrained(world.experts["math"])
-    scores = scorer.accuracy(model, tokenizer, list(world.tasks.values()))
-    assert set(scores) == set(world.tasks.values())
-    assert all(0.0 <= score <= 1.0 for score in scores.values())
+    tasks = TaskSet(names=names, include_path=str(world.tasks_dir))
+    scores = LMEvalScorer(model=model, tokenizer=tokenizer, tasks=tasks).score()
+    assert {f"{name}/acc" for name in names} <= set(scores)
+    assert all(0.0 <= scores[f"{name}/acc"] <= 1.0 for name in names)
 
 
 def test_lm_eval_simple_evaluate_runs_offline_on_a_loaded_model(world: ToyWorld) -> None:

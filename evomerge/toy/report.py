@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.toy.alignment import alignment_figures
-from evomerge.toy.scoring import LmEvalScorer, last_operand_accuracy
+from evomerge.toy.chance import last_operand_accuracy
 from evomerge.toy.world import ToyWorld
 
 GRID_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
@@ -30,30 +31,50 @@ def task_arithmetic(base: dict[str, torch.Tensor], experts: list[dict[str, torch
 
 
 def measure_world(world: ToyWorld) -> dict:
+    # One thread: a forward pass of this size took 0.14-0.21 s on one thread and 0.66-0.78 s on two
+    # on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(world: ToyWorld) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(world.base)
     models: dict[str, PreTrainedModel] = {
         "base": AutoModelForCausalLM.from_pretrained(world.base),
         **{name: AutoModelForCausalLM.from_pretrained(path) for name, path in world.experts.items()},
     }
-    scorer = LmEvalScorer(world.tasks_dir)
     search_tasks = list(world.tasks.values())
     all_tasks = search_tasks + list(world.holdout_tasks.values())
+    # Every model is scored by loading its weights into one `scored` model, the way a search worker
+    # scores candidates: one lm-eval wrapper, tasks read once.
+    scored = AutoModelForCausalLM.from_pretrained(world.base).eval()
+    scorer = LMEvalScorer(
+        model=scored, tokenizer=tokenizer, tasks=TaskSet(names=tuple(all_tasks), include_path=str(world.tasks_dir), batch_size=256)
+    )
+
+    def accuracy(state: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, float]:
+        scored.load_state_dict(state)
+        metrics = scorer.score()
+        return {name: metrics[f"{name}/acc"] for name in tasks}
+
     figures: dict = {"accuracy": {}, "alignment": {}}
     figures["accuracy"]["chance (answer = last operand)"] = {
         name: last_operand_accuracy(world.tasks_dir, name) for name in all_tasks
     }
     for name, model in models.items():
-        figures["accuracy"][name] = scorer.accuracy(model.eval(), tokenizer, all_tasks)
-        figures["alignment"][name] = alignment_figures(model, tokenizer)
+        figures["accuracy"][name] = accuracy(model.state_dict(), all_tasks)
+        figures["alignment"][name] = alignment_figures(model.eval(), tokenizer)
 
     base_state = {k: v.clone() for k, v in models["base"].state_dict().items()}
     experts = [models["lang"].state_dict(), models["math"].state_dict()]
-    merged = AutoModelForCausalLM.from_pretrained(world.base).eval()
     grid, seconds = {}, []
     for a, b in itertools.product(GRID_WEIGHTS, GRID_WEIGHTS):
-        merged.load_state_dict(task_arithmetic(base_state, experts, [a, b]))
         start = time.perf_counter()
-        grid[(a, b)] = scorer.accuracy(merged, tokenizer, search_tasks)
+        grid[(a, b)] = accuracy(task_arithmetic(base_state, experts, [a, b]), search_tasks)
         seconds.append(time.perf_counter() - start)
     combined = world.tasks["combined"]
     best = max(grid, key=lambda weights: grid[weights][combined])
@@ -61,9 +82,8 @@ def measure_world(world: ToyWorld) -> dict:
         ("task arithmetic a=1, b=1", (1.0, 1.0)),
         (f"best grid point a={best[0]}, b={best[1]}", best),
     ):
-        merged.load_state_dict(task_arithmetic(base_state, experts, list(weights)))
-        figures["accuracy"][label] = scorer.accuracy(merged, tokenizer, all_tasks)
-        figures["alignment"][label] = alignment_figures(merged, tokenizer)
+        figures["accuracy"][label] = accuracy(task_arithmetic(base_state, experts, list(weights)), all_tasks)
+        figures["alignment"][label] = alignment_figures(scored, tokenizer)
     figures["grid"] = grid
     figures["seconds_per_candidate"] = sorted(seconds)[len(seconds) // 2]
     figures["tasks"] = all_tasks
