@@ -14,7 +14,10 @@ import torch
 
 def elected_sign(weighted: torch.Tensor) -> torch.Tensor:
     """+1 where the entries of ``weighted`` ([N, ...]) sum to >= 0 over the model axis, else -1."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    # sign() is -1, 0 or 1; shifted by 1/2 (exact in every float dtype) its sign is +1 exactly where
+    # the sum is >= 0 (-0.0 included). Three light passes instead of a compare and a select, which
+    # torch runs several times slower on CPU.
+    return weighted.sum(dim=0).sign_().add_(0.5).sign_()
 
 
 def keep_agreeing_(weighted: torch.Tensor) -> torch.Tensor:

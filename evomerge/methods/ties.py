@@ -13,8 +13,13 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import magnitude
+from evomerge.methods.sparsify import magnitude, magnitude_rank
 from evomerge.methods.task_arithmetic import merge_task_vectors
+
+
+def magnitude_ranks(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Each task vector's magnitude ranks ([N, *shape], int32): what trimming needs, whatever the density."""
+    return torch.stack([magnitude_rank(delta) for delta in deltas])
 
 
 @merge_method(
@@ -23,6 +28,7 @@ from evomerge.methods.task_arithmetic import merge_task_vectors
     params=(WEIGHT, DENSITY, NORMALIZE_ON, RESCALE_OFF, LAMBDA, INT8_MASK),
     inputs="deltas",
     needs_base=True,
+    precompute=magnitude_ranks,
 )
 def ties(
     base: torch.Tensor,
@@ -34,9 +40,12 @@ def ties(
     rescale: bool,
     lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TIES-Merging: resolving interference when merging models (Yadav et al. 2023, https://arxiv.org/abs/2306.01708)."""
+    ranks = precomputed if precomputed is not None else [None] * deltas.shape[0]
     trimmed = torch.empty_like(deltas)
-    for delta, keep, out in zip(deltas, density.tolist(), trimmed, strict=True):
-        magnitude(delta, keep, out, rescale=rescale)
-    return merge_task_vectors(base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
+    for delta, keep, rank, trim in zip(deltas, density.tolist(), ranks, trimmed, strict=True):
+        magnitude(delta, keep, trim, rescale=rescale, rank=rank)
+    return merge_task_vectors(base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
