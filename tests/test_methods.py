@@ -143,13 +143,14 @@ def test_writes_into_out_exactly_what_it_returns(name: str, dtype: torch.dtype) 
     would, and what was in it before does not leak in."""
     method = get_method(name)
     generator = torch.Generator().manual_seed(7)
-    base = torch.randn(6, 10, generator=generator).to(dtype)
-    models = (base + 0.1 * torch.randn(model_counts(method)[-1], 6, 10, generator=generator)).to(dtype)
-    fresh = call(name, base, models, **pruning(name))
-    out = torch.full_like(base, float("nan"))
-    returned = call(name, base, models, **pruning(name), out=out)
-    assert returned.data_ptr() == out.data_ptr()
-    assert torch.equal(out, fresh)
+    for count in model_counts(method):
+        base = torch.randn(6, 10, generator=generator).to(dtype)
+        models = (base + 0.1 * torch.randn(count, 6, 10, generator=generator)).to(dtype)
+        fresh = call(name, base, models, **pruning(name))
+        out = torch.full_like(base, float("nan"))
+        returned = call(name, base, models, **pruning(name), out=out)
+        assert returned.data_ptr() == out.data_ptr()
+        assert torch.equal(out, fresh)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if get_method(n).precompute is not None])
@@ -626,3 +627,18 @@ def test_mean_over_draws_is_the_unpruned_merge(name: str) -> None:
     error = (merged.double().mean(dim=0) - (base + weights @ deltas).double()).norm()
     # The squared error sums 2000 independent terms, so it stays within a few percent of noise^2.
     assert error < 1.25 * noise, f"{error:.3g} vs noise {noise:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bernoulli_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
+    """The masks DARE and DELLA draw are torch.bernoulli's (hence mergekit's) entry for entry, and the
+    generator is left where torch.bernoulli leaves it, for one probability and for one per entry."""
+    from evomerge.methods.sparsify import bernoulli
+
+    per_entry = torch.rand(300, 70, generator=torch.Generator().manual_seed(9)).to(dtype)
+    for probability in [torch.tensor(p, dtype=dtype) for p in (1e-8, 0.1, 0.4, 0.6, 0.77, 0.999)] + [per_entry]:
+        ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        drawn = bernoulli(probability, torch.Size((300, 70)), ours)
+        assert drawn.dtype == dtype
+        assert torch.equal(drawn, torch.bernoulli(probability.expand(300, 70), generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())

@@ -158,17 +158,36 @@ def _draw_and_mask(
     dtype, and is clamped in place once drawn from. Survivors are divided by the very values the draw
     used (rounded to a 16-bit dtype where the draw is), so the rescale is unbiased for the actual draw.
     """
-    probability = keep_probability.expand(delta.shape)
-    if keep_probability.dtype == out.dtype:
-        masked = out.bernoulli_(probability, generator=generator).mul_(delta)
+    keep = bernoulli(keep_probability, delta.shape, generator)
+    if keep.dtype == out.dtype:
+        masked = torch.mul(keep, delta, out=out)
     else:
-        masked = torch.bernoulli(probability, generator=generator).mul_(delta.to(keep_probability.dtype))
+        masked = keep.mul_(delta.to(keep.dtype))
     if rescale:
         # A probability that rounds to 0 in the draw dtype (a tiny density in float16) never keeps its
         # entry; the clamp turns that entry's 0 / 0 into 0 and leaves every normal probability unchanged.
         masked.div_(keep_probability.clamp_(min=torch.finfo(keep_probability.dtype).tiny))
     if masked is not out:
         out.copy_(masked)
+
+
+def bernoulli(probability: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """``torch.bernoulli(probability.expand(shape), generator=generator)``, draw for draw, in half the
+    time on CPU.
+
+    There torch draws entry by entry, in memory order, one 32-bit Mersenne Twister word each: with
+    ``r`` its low 24 bits, the entry is 1 iff ``r * 2**-24 < p`` (``p`` as a float32). ``torch.randint``
+    over ``[0, 2**24)`` takes the same word per entry and yields the same ``r`` without the per-entry
+    distribution object; and ``r < p * 2**24`` iff ``r < ceil(p * 2**24)``, integers below 2**25 that
+    float32 holds exactly, so ``clamp(ceil(p * 2**24) - r, 0, 1)`` is the very mask, and the generator
+    ends in the same state. float64 probabilities take 64-bit words, and other devices other
+    generators: those keep ``torch.bernoulli``. tests/test_methods.py checks the equality.
+    """
+    if probability.device.type != "cpu" or probability.dtype == torch.float64:
+        return torch.bernoulli(probability.expand(shape), generator=generator)
+    words = torch.randint(0, 1 << 24, shape, generator=generator, dtype=torch.float32)
+    cut = probability.float().mul(1 << 24).ceil_()
+    return torch.rsub(words, cut).clamp_(0, 1).to(probability.dtype)
 
 
 def _keep_only(delta: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:

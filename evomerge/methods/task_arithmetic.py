@@ -11,7 +11,7 @@ import torch
 
 from evomerge.methods.linear import weighted_sum
 from evomerge.methods.registry import LAMBDA, NORMALIZE_OFF, WEIGHT, merge_method
-from evomerge.methods.sign_consensus import keep_agreeing_
+from evomerge.methods.sign_consensus import keep_agreeing_, model_sum
 
 # mergekit leaves the sum unnormalised where the weights cancel (|sum| < 1e-8) instead of dividing by ~0.
 _ZERO_WEIGHT_SUM = 1e-8
@@ -46,7 +46,7 @@ def merge_task_vectors(
 
     magnitudes = flat.mul_(weights[:, None])
     sign = keep_agreeing_(magnitudes)
-    mixed = torch.sum(magnitudes, dim=0, out=None if out is None else out.view(-1)).mul_(sign)
+    mixed = model_sum(magnitudes, out=None if out is None else out.view(-1)).mul_(sign)
     if normalize:
         # sign() of a clamped magnitude is 1 where the entry agreed, 0 elsewhere.
         divisor = weighted_sum(magnitudes.sign_(), weights, start=None, out=None)
