@@ -380,7 +380,7 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')}; not edited by hand.",
         "",
         f"- Machine: {os.cpu_count()} CPUs ({cpu}), {memory:.0f} GiB RAM, "
-        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__} (threads: {torch.get_num_threads()}){gpu}; "
         f"device `{args.device}`, dtype `{args.dtype}`.",
         f"- Load average (1/5/15 min) before: {load[0]}, after: {load[1]}. Other processes shared this machine, "
         "so the times are slower and noisier than on an idle one.",

@@ -189,6 +189,15 @@ def test_runs_on_cuda_like_on_cpu(name: str) -> None:
     models = base + torch.randn(model_counts(method)[-1], 16, 32, generator=generator)
     merged = call(name, base.cuda(), models.cuda(), **pruning(name))
     assert merged.device.type == "cuda"
+    out = torch.empty_like(base.cuda())
+    assert call(name, base.cuda(), models.cuda(), **pruning(name), out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, merged)  # random methods too: each call seeds a fresh generator
+    if method.precompute is not None:
+        inputs = (models - base if method.inputs == "deltas" else models).cuda()
+        cached = call(
+            name, base.cuda(), models.cuda(), **pruning(name), precomputed=method.precompute(base.cuda(), inputs)
+        )
+        assert cached.device.type == "cuda" and torch.equal(cached, merged)
     if not method.random:
         torch.testing.assert_close(merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5)
 

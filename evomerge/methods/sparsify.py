@@ -202,8 +202,11 @@ def _largest(key: torch.Tensor, kept: int) -> torch.Tensor:
 
     Which entries those are is a question of order only at the cut: if no value equal to the
     ``kept``-th largest is left out, the mask is simply ``key >= that value``, and a selection
-    (``kthvalue``, linear time) finds it four times faster than a sort. When equal values straddle
-    the cut, the sort decides which of them stay, as it does in mergekit.
+    (``kthvalue``, linear time) finds it about four times faster than a sort on a 12M-entry float32
+    task vector. When equal values straddle the cut, the sort decides which of them stay, as it does
+    in mergekit: its tie order is its own (torch's CPU sort is not stable), so nothing cheaper
+    reproduces it. Quantized task vectors (bf16, or fine-tunes a few ulps from their base) tie often
+    and pay the selection and the sort.
     """
     threshold = torch.kthvalue(key, key.numel() - kept + 1).values
     keep = key >= threshold
