@@ -48,12 +48,17 @@ def magnitude(
     if density <= 0 or delta.numel() == 0:
         out.zero_()
         return
-    kept = max(1, int(density * delta.numel()))
+    kept = magnitude_kept(density, delta.numel())
     keep = rank < kept if rank is not None else _largest(_sort_key(delta), kept).view(delta.shape)
     # A float mask: torch multiplies by a bool tensor several times slower than by a float one on CPU.
     torch.mul(delta, keep.to(delta.dtype), out=out)
     if rescale:
         rescale_l1_(out, delta)
+
+
+def magnitude_kept(density: float, numel: int) -> int:
+    """How many entries ``magnitude`` keeps at ``density`` (mergekit's rule: at least one)."""
+    return numel if density >= 1 else max(1, int(density * numel))
 
 
 def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
