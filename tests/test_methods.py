@@ -20,12 +20,20 @@ REQUIRED = {"weight": 0.7, "t": 0.4}
 PRUNING = {"density": 0.5}
 
 
-def call(name: str, base: torch.Tensor | None, models: torch.Tensor, seed: int = 0, **overrides) -> torch.Tensor:
+def call(
+    name: str,
+    base: torch.Tensor | None,
+    models: torch.Tensor,
+    seed: int = 0,
+    out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
+    **overrides,
+) -> torch.Tensor:
     """Run method ``name`` on ``models`` ([N, ...] raw tensors) the way the materializer does: task
     vectors for delta methods, per-model values as a length-N tensor, a seeded generator if random."""
     method = get_method(name)
     count = models.shape[0]
-    kwargs = {}
+    kwargs = {} if precomputed is None else {"precomputed": precomputed}
     for param in method.params:
         value = overrides.get(param.arg, REQUIRED.get(param.name, param.default))
         if param.per_model:
@@ -36,7 +44,7 @@ def call(name: str, base: torch.Tensor | None, models: torch.Tensor, seed: int =
     if method.random:
         kwargs["generator"] = torch.Generator(device=models.device).manual_seed(seed)
     inputs = models - base if method.inputs == "deltas" else models
-    return method.fn(base, inputs, **kwargs)
+    return method.fn(base, inputs, **kwargs, out=out)
 
 
 def model_counts(method: MergeMethod) -> list[int]:
@@ -122,9 +130,48 @@ def test_signature_matches_declared_parameters(name: str) -> None:
     method = get_method(name)
     parameters = inspect.signature(method.fn).parameters
     keyword_only = {p for p, spec in parameters.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY}
-    expected = {p.arg for p in method.params} | ({"generator"} if method.random else set())
+    expected = {p.arg for p in method.params} | ({"generator"} if method.random else set()) | {"out"}
+    expected |= {"precomputed"} if method.precompute is not None else set()
     assert keyword_only == expected
     assert list(parameters)[:2] == ["base", "tensors" if method.inputs == "tensors" else "deltas"]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_into_out_exactly_what_it_returns(name: str, dtype: torch.dtype) -> None:
+    """``out=`` (the in-place path passes a model's parameter) holds the very numbers a fresh result
+    would, and what was in it before does not leak in."""
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(7)
+    for count in model_counts(method):
+        base = torch.randn(6, 10, generator=generator).to(dtype)
+        models = (base + 0.1 * torch.randn(count, 6, 10, generator=generator)).to(dtype)
+        fresh = call(name, base, models, **pruning(name))
+        out = torch.full_like(base, float("nan"))
+        returned = call(name, base, models, **pruning(name), out=out)
+        assert returned.data_ptr() == out.data_ptr()
+        assert torch.equal(out, fresh)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if get_method(n).precompute is not None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precomputed_gives_the_same_merge(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a method precomputes from its inputs (kept by the in-place path across candidates) changes
+    no number, also where the trim's cut falls among equal magnitudes (a quarter of the task-vector
+    entries are exactly 0.25, the cut at density 0.1 lands inside them; bf16 adds ties of its own)."""
+    method = get_method(name)
+    # TIES merges a chunk at a time given ranks: chunks of 100 entries put boundaries inside the tensor.
+    monkeypatch.setattr("evomerge.methods.ties._CHUNK", 100)
+    generator = torch.Generator().manual_seed(8)
+    base = (torch.randint(-8, 8, (16, 32), generator=generator) / 8).to(dtype)  # + 0.25 is exact
+    models = (base + 0.1 * torch.randn(model_counts(method)[-1], 16, 32, generator=generator)).to(dtype)
+    models[:, :4] = base[:4] + 0.25
+    precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models)
+    for density in (0.1, 0.5, 0.9):
+        overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
+        plain = call(name, base, models, **overrides)
+        cached = call(name, base, models, **overrides, precomputed=precomputed)
+        assert torch.equal(plain, cached)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -144,6 +191,15 @@ def test_runs_on_cuda_like_on_cpu(name: str) -> None:
     models = base + torch.randn(model_counts(method)[-1], 16, 32, generator=generator)
     merged = call(name, base.cuda(), models.cuda(), **pruning(name))
     assert merged.device.type == "cuda"
+    out = torch.empty_like(base.cuda())
+    assert call(name, base.cuda(), models.cuda(), **pruning(name), out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, merged)  # random methods too: each call seeds a fresh generator
+    if method.precompute is not None:
+        inputs = (models - base if method.inputs == "deltas" else models).cuda()
+        cached = call(
+            name, base.cuda(), models.cuda(), **pruning(name), precomputed=method.precompute(base.cuda(), inputs)
+        )
+        assert cached.device.type == "cuda" and torch.equal(cached, merged)
     if not method.random:
         torch.testing.assert_close(merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5)
 
@@ -582,3 +638,18 @@ def test_mean_over_draws_is_the_unpruned_merge(name: str) -> None:
     error = (merged.double().mean(dim=0) - (base + weights @ deltas).double()).norm()
     # The squared error sums 2000 independent terms, so it stays within a few percent of noise^2.
     assert error < 1.25 * noise, f"{error:.3g} vs noise {noise:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bernoulli_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
+    """The masks DARE and DELLA draw are torch.bernoulli's (hence mergekit's) entry for entry, and the
+    generator is left where torch.bernoulli leaves it, for one probability and for one per entry."""
+    from evomerge.methods.sparsify import bernoulli
+
+    per_entry = torch.rand(300, 70, generator=torch.Generator().manual_seed(9)).to(dtype)
+    for probability in [torch.tensor(p, dtype=dtype) for p in (1e-8, 0.1, 0.4, 0.6, 0.77, 0.999)] + [per_entry]:
+        ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        drawn = bernoulli(probability, torch.Size((300, 70)), ours)
+        assert drawn.dtype == dtype
+        assert torch.equal(drawn, torch.bernoulli(probability.expand(300, 70), generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())

@@ -1,8 +1,10 @@
 """The search's hot path: write a candidate's merged weights into a loaded model, in place, on its device.
 
 Sources stay resident on the model's device in the form the method reads (task vectors are computed
-once, here, not per candidate); each candidate costs one method call per tensor and a copy into the
-parameter, with temporaries the size of one tensor, never a second model.
+once, here, not per candidate), and so does what a method declares it derives from its inputs alone
+(its ``precompute``: TIES' magnitude ranks, slerp's norms), computed the first time a candidate uses
+that method. Each candidate costs one method call per tensor, written straight into the parameter,
+with temporaries the size of one tensor, never a second model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class InPlaceMerger:
         self._key = _source_key(template)
         self._targets = {name: parameters[name] for name in sources.reference.names}
         self._resident: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # precompute function -> tensor name -> its result; a search changes parameters, rarely methods.
+        self._precomputed: dict[object, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for name in self._targets:
                 self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
@@ -48,7 +52,16 @@ class InPlaceMerger:
             for name, target in self._targets.items():
                 base, stacked = self._resident[name]
                 kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=self.device)
-                target.copy_(method.fn(base, stacked, **kwargs))
+                if method.precompute is not None:
+                    known = self._precomputed.setdefault(method.precompute, {})
+                    if name not in known:
+                        known[name] = method.precompute(base, stacked)
+                    kwargs["precomputed"] = known[name]
+                # Methods write into a flat view of ``out`` in the sources' dtype.
+                if target.is_contiguous() and target.dtype == self.dtype:
+                    method.fn(base, stacked, **kwargs, out=target)
+                else:
+                    target.copy_(method.fn(base, stacked, **kwargs))
 
     def _check(self, recipe: Recipe) -> MergeMethod:
         method = validate(recipe)

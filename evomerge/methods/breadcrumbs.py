@@ -45,10 +45,11 @@ def breadcrumbs(
     normalize: bool,
     rescale: bool,
     lambda_: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
     kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)
+    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out)
 
 
 @merge_method(
@@ -69,7 +70,8 @@ def breadcrumbs_ties(
     rescale: bool,
     lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs with TIES sign election (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
     kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
+    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)

@@ -22,8 +22,8 @@ _REFERENCE = "https://arxiv.org/abs/2311.03099"
 
 def _drop(deltas: torch.Tensor, density: torch.Tensor, rescale: bool, generator: torch.Generator) -> torch.Tensor:
     dropped = torch.empty_like(deltas)
-    for delta, keep, out in zip(deltas, density.tolist(), dropped, strict=True):
-        random_drop(delta, keep, out, rescale=rescale, generator=generator)
+    for delta, keep, drop in zip(deltas, density.tolist(), dropped, strict=True):
+        random_drop(delta, keep, drop, rescale=rescale, generator=generator)
     return dropped
 
 
@@ -46,10 +46,11 @@ def dare_ties(
     lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
     generator: torch.Generator,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099) with TIES sign election."""
     dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
+    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
 
 
 @merge_method(
@@ -70,7 +71,10 @@ def dare_linear(
     rescale: bool,
     lambda_: float,
     generator: torch.Generator,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DARE, Language models are Super Mario (Yu et al. 2023, https://arxiv.org/abs/2311.03099)."""
     dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)
+    return merge_task_vectors(
+        base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out
+    )

@@ -30,8 +30,8 @@ def _magprune(
     generator: torch.Generator,
 ) -> torch.Tensor:
     pruned = torch.empty_like(deltas)
-    for delta, keep, spread, out in zip(deltas, density.tolist(), epsilon.tolist(), pruned, strict=True):
-        della_magprune(delta, keep, spread, out, rescale=rescale, generator=generator)
+    for delta, keep, spread, prune in zip(deltas, density.tolist(), epsilon.tolist(), pruned, strict=True):
+        della_magprune(delta, keep, spread, prune, rescale=rescale, generator=generator)
     return pruned
 
 
@@ -55,10 +55,11 @@ def della(
     lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
     generator: torch.Generator,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024, https://arxiv.org/abs/2406.11617) with TIES sign election."""
     pruned = _magprune(deltas, density, epsilon, rescale, generator)
-    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
+    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
 
 
 @merge_method(
@@ -80,7 +81,8 @@ def della_linear(
     rescale: bool,
     lambda_: float,
     generator: torch.Generator,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DELLA-Merging: magnitude-based sampling (Deep et al. 2024, https://arxiv.org/abs/2406.11617)."""
     pruned = _magprune(deltas, density, epsilon, rescale, generator)
-    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)
+    return merge_task_vectors(base, pruned, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.methods.registry import FILTER_WISE, merge_method
+from evomerge.methods.registry import FILTER_WISE, merge_method, written
 
 # mergekit's guards: a product of norms is clamped to at least _NORM_FLOOR, and where the ratio's
 # denominator 1 + (N-1) cos is within _SINGULAR of 0 the base is kept (t = 0).
@@ -21,7 +21,9 @@ _SINGULAR = 1e-6
     needs_base=True,
     min_models=2,
 )
-def model_stock(base: torch.Tensor, deltas: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, deltas: torch.Tensor, *, filter_wise: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Model Stock (Jang et al. 2024, https://arxiv.org/abs/2403.19522): base + t * mean task vector."""
     count = deltas.shape[0]
     # One angle for the whole tensor, or (filter_wise) one per row along the last dimension.
@@ -41,4 +43,4 @@ def model_stock(base: torch.Tensor, deltas: torch.Tensor, *, filter_wise: bool) 
     t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
 
     merged = rows.sum(dim=0).mul_((t / count)[:, None])
-    return merged.add_(base.reshape(merged.shape)).view(base.shape)
+    return written(merged.add_(base.reshape(merged.shape)).view(base.shape), out)

@@ -103,6 +103,17 @@ class MergeMethod:
     tensor (or None when the method needs no base). Per-model parameters arrive as a 1-D float tensor
     of length N on the inputs' device; global ones as Python scalars. Random methods also receive a
     ``generator``.
+
+    Every method also takes ``out``: a tensor of the base's shape and dtype (not aliasing the inputs)
+    to write the merge into, as the in-place path does with a model's parameter; the method returns
+    it. Writing there instead of returning a fresh tensor matters: a large fresh tensor is a fresh
+    mapping from the OS, whose page faults cost more than the merge itself.
+
+    ``precompute(base, inputs)``, when a method declares one, derives what the method needs from its
+    inputs alone, whatever its parameters (TIES: each task vector's magnitude ranks; slerp: the two
+    norms and the dot product). A caller that merges the same resident inputs again and again (the
+    in-place path) computes it once and passes it as ``precomputed=``; others pass nothing, and the
+    method works it out itself, possibly a cheaper way for a single use.
     """
 
     name: str
@@ -114,6 +125,7 @@ class MergeMethod:
     reference: str
     min_models: int = 1
     max_models: int | None = None
+    precompute: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -139,6 +151,7 @@ def merge_method(
     random: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
+    precompute: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
 
@@ -155,10 +168,17 @@ def merge_method(
             reference=reference,
             min_models=min_models,
             max_models=max_models,
+            precompute=precompute,
         )
         return fn
 
     return register
+
+
+def written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result`` copied into ``out`` when the caller gave one (methods that cannot build their result
+    there directly), else ``result`` itself."""
+    return result if out is None else out.copy_(result)
 
 
 def get_method(name: str) -> MergeMethod:

@@ -12,9 +12,23 @@ from __future__ import annotations
 import torch
 
 
+def model_sum(stacked: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``stacked.sum(dim=0)`` as N - 1 elementwise adds (into ``out`` if given): torch's reduction over
+    the leading axis zero-fills its output first and runs about half as fast on CPU."""
+    if len(stacked) == 1:
+        return stacked[0].clone() if out is None else out.copy_(stacked[0])
+    total = torch.add(stacked[0], stacked[1], out=out)
+    for more in stacked[2:]:
+        total.add_(more)
+    return total
+
+
 def elected_sign(weighted: torch.Tensor) -> torch.Tensor:
     """+1 where the entries of ``weighted`` ([N, ...]) sum to >= 0 over the model axis, else -1."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    # sign() is -1, 0 or 1; shifted by 1/2 (exact in every float dtype) its sign is +1 exactly where
+    # the sum is >= 0 (-0.0 included). Three light passes instead of a compare and a select, which
+    # torch runs several times slower on CPU.
+    return model_sum(weighted).sign_().add_(0.5).sign_()
 
 
 def keep_agreeing_(weighted: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.methods.linear import weighted_sum
 from evomerge.methods.registry import LAMBDA, NORMALIZE_OFF, WEIGHT, merge_method
-from evomerge.methods.sign_consensus import keep_agreeing_
+from evomerge.methods.sign_consensus import keep_agreeing_, model_sum
 
 # mergekit leaves the sum unnormalised where the weights cancel (|sum| < 1e-8) instead of dividing by ~0.
 _ZERO_WEIGHT_SUM = 1e-8
@@ -24,8 +25,10 @@ def merge_task_vectors(
     normalize: bool,
     lambda_: float,
     sign_consensus: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base + lambda * sum_i w_i delta_i`` (divided by the summed weights when ``normalize``).
+    """``base + lambda * sum_i w_i delta_i`` (divided by the summed weights when ``normalize``), into
+    ``out`` when given.
 
     With ``sign_consensus`` only the entries of ``w_i delta_i`` whose sign matches the elected sign
     enter the sum, and the divisor is, per entry, the sum of the weights that entered (1 where none
@@ -39,15 +42,14 @@ def merge_task_vectors(
         divisor = weights.sum()
         divisor = torch.where(divisor.abs() < _ZERO_WEIGHT_SUM, 1.0, divisor)
         coefficients = weights * lambda_ / divisor if normalize else weights * lambda_
-        # One fused pass over the task vectors: base + deltas^T @ coefficients.
-        return torch.addmv(base.reshape(-1), flat.T, coefficients).view(base.shape)
+        return weighted_sum(deltas, coefficients, start=base, out=out)
 
     magnitudes = flat.mul_(weights[:, None])
     sign = keep_agreeing_(magnitudes)
-    mixed = magnitudes.sum(dim=0).mul_(sign)
+    mixed = model_sum(magnitudes, out=None if out is None else out.view(-1)).mul_(sign)
     if normalize:
         # sign() of a clamped magnitude is 1 where the entry agreed, 0 elsewhere.
-        divisor = weights @ magnitudes.sign_()
+        divisor = weighted_sum(magnitudes.sign_(), weights, start=None, out=None)
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
     if lambda_ != 1:
         mixed.mul_(lambda_)
@@ -62,7 +64,13 @@ def merge_task_vectors(
     needs_base=True,
 )
 def task_arithmetic(
-    base: torch.Tensor, deltas: torch.Tensor, *, weight: torch.Tensor, normalize: bool, lambda_: float
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    normalize: bool,
+    lambda_: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Editing models with task arithmetic (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)."""
-    return merge_task_vectors(base, deltas, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False)
+    return merge_task_vectors(base, deltas, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out)

@@ -13,8 +13,19 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import magnitude
+from evomerge.methods.sparsify import magnitude, magnitude_kept, magnitude_rank
 from evomerge.methods.task_arithmetic import merge_task_vectors
+
+# With ranks known (the in-place path), trimming is one comparison per entry and the whole merge is
+# elementwise, so it runs a chunk at a time: its dozen temporaries are then blocks the allocator reuses
+# (and the cache holds) rather than tensor-sized fresh mappings, whose page faults cost more than the
+# arithmetic. 2**18 entries keeps each block around a megabyte.
+_CHUNK = 1 << 18
+
+
+def magnitude_ranks(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Each task vector's magnitude ranks ([N, *shape], int32): what trimming needs, whatever the density."""
+    return torch.stack([magnitude_rank(delta) for delta in deltas])
 
 
 @merge_method(
@@ -23,6 +34,7 @@ from evomerge.methods.task_arithmetic import merge_task_vectors
     params=(WEIGHT, DENSITY, NORMALIZE_ON, RESCALE_OFF, LAMBDA, INT8_MASK),
     inputs="deltas",
     needs_base=True,
+    precompute=magnitude_ranks,
 )
 def ties(
     base: torch.Tensor,
@@ -34,9 +46,47 @@ def ties(
     rescale: bool,
     lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TIES-Merging: resolving interference when merging models (Yadav et al. 2023, https://arxiv.org/abs/2306.01708)."""
+    if precomputed is not None and not rescale:
+        kept = [magnitude_kept(keep, deltas[0].numel()) for keep in density.tolist()]
+        return _ties_by_rank(base, deltas, precomputed, kept, weight, normalize=normalize, lambda_=lambda_, out=out)
+    ranks = precomputed if precomputed is not None else [None] * deltas.shape[0]
     trimmed = torch.empty_like(deltas)
-    for delta, keep, out in zip(deltas, density.tolist(), trimmed, strict=True):
-        magnitude(delta, keep, out, rescale=rescale)
-    return merge_task_vectors(base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True)
+    for delta, keep, rank, trim in zip(deltas, density.tolist(), ranks, trimmed, strict=True):
+        magnitude(delta, keep, trim, rescale=rescale, rank=rank)
+    return merge_task_vectors(base, trimmed, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
+
+
+def _ties_by_rank(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    ranks: torch.Tensor,
+    kept: list[int],
+    weight: torch.Tensor,
+    *,
+    normalize: bool,
+    lambda_: float,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """``ties`` without rescaling, given the ranks: model i keeps its entries of rank below ``kept[i]``."""
+    count = deltas.shape[0]
+    flat_base, flat_deltas, flat_ranks = base.reshape(-1), deltas.reshape(count, -1), ranks.reshape(count, -1)
+    merged = torch.empty_like(flat_base) if out is None else out.view(-1)
+    limits = torch.tensor(kept, dtype=torch.int32, device=base.device)[:, None]
+    for start in range(0, flat_base.numel(), _CHUNK):
+        span = slice(start, start + _CHUNK)
+        # A float mask: torch multiplies by a bool tensor several times slower than by a float one on CPU.
+        trimmed = flat_deltas[:, span] * (flat_ranks[:, span] < limits).to(deltas.dtype)
+        merge_task_vectors(
+            flat_base[span],
+            trimmed,
+            weight,
+            normalize=normalize,
+            lambda_=lambda_,
+            sign_consensus=True,
+            out=merged[span],
+        )
+    return merged.view(base.shape)
