@@ -70,6 +70,22 @@ class BudgetConfig:
     wall_time_s: float | None = None
 
 
+class ExecutorKind(str, Enum):
+    serial = "serial"
+    ray = "ray"
+
+
+@dataclass
+class ExecutorConfig:
+    kind: ExecutorKind = ExecutorKind.serial
+    threads: int | None = None  # torch threads per worker; null: torch's default
+    # The Ray pool's knobs (conf/executor/ray.yaml says what each does):
+    num_workers: int | None = None
+    address: str | None = None
+    max_tries: int = 3
+    timeout_s: float | None = None
+
+
 @dataclass
 class ToyConfig:
     size: str = "full"
@@ -86,7 +102,7 @@ class SearchConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     genome: GenomeConfig = field(default_factory=GenomeConfig)
     optimizer: dict[str, Any] = field(default_factory=dict)
-    executor: dict[str, Any] = field(default_factory=dict)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     objectives: list[ObjectiveConfig] = MISSING
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -132,5 +148,27 @@ def check_config(cfg: DictConfig) -> None:
         raise bad("tasks.limit", cfg.tasks.limit, "a positive number of items per task, or null for all")
     if cfg.tasks.batch_size < 1:
         raise bad("tasks.batch_size", cfg.tasks.batch_size, "a positive batch size")
+    _check_executor(cfg, bad)
     if cfg.genome.kind != "ps":
         raise bad("genome.kind", cfg.genome.kind, "ps (parameter space)")
+
+
+def _check_executor(cfg: DictConfig, bad) -> None:
+    executor = cfg.executor
+    if executor.threads is not None and executor.threads < 1:
+        raise bad("executor.threads", executor.threads, "a positive number of torch threads per worker, or null")
+    if executor.kind != "ray":
+        for key in ("num_workers", "address", "timeout_s"):
+            if executor[key] is not None:
+                raise bad(f"executor.{key}", executor[key], "executor=ray: the serial executor runs in this process")
+        return
+    if executor.threads is None:
+        raise bad("executor.threads", None, "a positive number of torch threads (and Ray CPUs) per worker")
+    if executor.num_workers is not None and executor.num_workers < 1:
+        raise bad("executor.num_workers", executor.num_workers, "a positive number of workers, or null")
+    if executor.max_tries < 1:
+        raise bad("executor.max_tries", executor.max_tries, "a positive number of tries per candidate")
+    if executor.timeout_s is not None and executor.timeout_s <= 0:
+        raise bad("executor.timeout_s", executor.timeout_s, "a positive number of seconds, or null")
+    if str(cfg.device).startswith("cuda:"):
+        raise bad("device", cfg.device, "device=cuda: Ray gives each worker one GPU of its own")

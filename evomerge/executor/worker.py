@@ -12,6 +12,7 @@ import traceback
 from dataclasses import dataclass
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
+from evomerge.executor.memory import check_sources_fit
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import DTYPES, resolve_device
 from evomerge.recipe.recipe import Recipe
@@ -44,6 +45,7 @@ class Worker:
         template = spec.template
         reference = template.base if template.base is not None else template.models[0].model
         device = resolve_device(spec.device)
+        check_sources_fit(template, device=device, dtype=spec.dtype)
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[spec.dtype]).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(template.tokenizer_source or reference)
         self.merger = InPlaceMerger(model=model, template=template)

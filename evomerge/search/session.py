@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.config import check_config
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
+from evomerge.executor.ray_pool import RayExecutor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import WorkerSpec
 from evomerge.genome.ps import ParameterSpaceGenome
@@ -102,7 +103,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         # Workers validate the recipe family on a complete candidate: the centre of the box.
         center = genome.to_recipe([0.5] * genome.dimension)
         spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
-        executor = SerialExecutor(spec=spec)
+        executor = build_executor(cfg.executor, spec)
         try:
             state = run_search(
                 run=run,
@@ -118,6 +119,20 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         return state
     finally:
         run.close()
+
+
+def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayExecutor:
+    """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``)."""
+    if node.kind == "ray":
+        return RayExecutor(
+            spec=spec,
+            num_workers=node.num_workers,
+            address=node.address,
+            threads=node.threads,
+            max_tries=node.max_tries,
+            timeout_s=node.timeout_s,
+        )
+    return SerialExecutor(spec=spec, threads=node.threads)
 
 
 def _instantiate_optimizer(cfg: DictConfig, genome: ParameterSpaceGenome, n_objectives: int, run_dir: Path):

@@ -1,0 +1,51 @@
+"""Will a worker's sources fit its device? Asked before loading, so a too-small device fails in a second
+with the numbers, instead of minutes later with an out-of-memory kill that reads like a crash.
+"""
+
+from __future__ import annotations
+
+import math
+
+import psutil
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.materialize.plan import validate
+from evomerge.materialize.sources import MergeSources
+from evomerge.materialize.to_disk import DTYPES
+from evomerge.recipe.recipe import Recipe
+
+
+def resident_bytes(template: Recipe, dtype: str) -> tuple[int, int]:
+    """``(bytes, copies)`` a worker keeps resident: the working model, plus the base and every expert
+    as the method reads them (task vectors or raw tensors), each a full copy of the model's tensors."""
+    sources = MergeSources.open(template, validate(template))
+    reference = sources.reference
+    elements = sum(math.prod(reference.shape(name)) for name in reference.names)
+    copies = 1 + len(sources.all)
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return elements * itemsize * copies, copies
+
+
+def free_bytes(device: torch.device) -> int:
+    """What the device can still hold: CUDA's free memory, or the RAM the OS reports available."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return psutil.virtual_memory().available
+
+
+def check_sources_fit(template: Recipe, *, device: torch.device, dtype: str) -> None:
+    """Refuse to load sources that would not fit ``device`` (activations come on top of this bound)."""
+    needed, copies = resident_bytes(template, dtype)
+    available = free_bytes(device)
+    if needed <= available:
+        return
+    smaller = "use dtype=bfloat16 (half of float32), " if dtype == "float32" else ""
+    raise EvomergeError(
+        f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {copies} copies of the model "
+        f"in {dtype}: the working model and {copies - 1} source models) but only {available:,} bytes "
+        f"({available / 2**30:.2f} GiB) are free there",
+        f"{smaller}merge fewer models, or run on a device with more free memory (a bigger GPU; "
+        "with executor=ray each worker gets a GPU of its own)",
+    )

@@ -1,0 +1,241 @@
+"""Score candidates on a pool of Ray actors: one per GPU, or one per ``threads`` CPUs without a GPU.
+
+Each actor builds one ``Worker`` from the same ``WorkerSpec`` as the serial executor, reading the
+sources from their (shared) paths itself: only recipes and scores cross Ray's object store. The
+driver hands each queued candidate to the next free actor and yields outcomes as they complete; the
+search loop puts the rows back in proposal order, so the pool's results equal the serial executor's.
+
+An actor that dies mid-candidate (killed, CUDA error, out of memory) is restarted by Ray and the
+candidate queued again; one that runs past ``timeout_s`` is killed to the same effect. After
+``max_tries`` such deaths the candidate comes back as a failed Outcome, which the loop scores worst.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from evomerge.errors import EvomergeError
+from evomerge.executor.worker import Outcome, Worker, WorkerSpec
+from evomerge.recipe.recipe import Recipe
+
+
+class WorkerActor:
+    """A Worker in its own process. A startup EvomergeError is kept and reported by ``ready``, not
+    raised: Ray would wrap it in a traceback, and the user needs its one paragraph."""
+
+    def __init__(self, *, spec: WorkerSpec, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.worker: Worker | None = None
+        self.startup_error: tuple[str, str] | None = None
+        try:
+            self.worker = Worker(spec)
+        except EvomergeError as error:
+            self.startup_error = (error.problem, error.fix)
+
+    # Retried through restarts: it answers once the actor is back, which is when it can take work.
+    @ray.method(max_task_retries=-1)
+    def ready(self) -> tuple[int, tuple[str, str] | None]:
+        return os.getpid(), self.startup_error
+
+    def evaluate(self, recipe: Recipe) -> Outcome:
+        return self.worker.evaluate(recipe)
+
+
+@dataclass
+class _Job:
+    """A candidate on an actor: ``started`` starts the timeout clock; ``timed_out`` once it was killed."""
+
+    actor: ray.actor.ActorHandle
+    position: int
+    started: float
+    timed_out: bool = False
+
+
+class RayExecutor:
+    def __init__(
+        self,
+        *,
+        spec: WorkerSpec,
+        num_workers: int | None,
+        address: str | None,
+        threads: int,
+        max_tries: int,
+        timeout_s: float | None,
+    ) -> None:
+        self.owns_ray = _connect(address)
+        self.max_tries = max_tries
+        self.timeout_s = timeout_s
+        on_gpu = torch.device(spec.device).type == "cuda"
+        count = num_workers or _slots(on_gpu=on_gpu, threads=threads)
+        _check_room(count, on_gpu=on_gpu, threads=threads)
+        actor_class = ray.remote(WorkerActor).options(
+            num_cpus=threads,
+            num_gpus=1 if on_gpu else 0,
+            max_restarts=-1,  # deaths are counted per candidate (max_tries), not per actor
+            max_task_retries=0,  # a candidate that killed its worker is re-run by us, and counted
+        )
+        # Ray sets CUDA_VISIBLE_DEVICES per actor: its one GPU is "cuda" (cuda:0) inside it.
+        actor_spec = replace(spec, device="cuda") if on_gpu else spec
+        self.actors = [actor_class.remote(spec=actor_spec, threads=threads) for _ in range(count)]
+        self.pids: dict[ray.actor.ActorHandle, int] = {}
+        self._idle: deque = deque()
+        self._restarting = {actor.ready.remote(): actor for actor in self.actors}
+        try:
+            while self._restarting:  # every worker up (or its startup error raised) before the first candidate
+                self._await_restart(next(iter(self._restarting)))
+        except BaseException:
+            self.close()  # a worker that started would otherwise hold its CPU or GPU until Ray shuts down
+            raise
+
+    def worker_pids(self) -> list[int]:
+        """The process id of each live worker (to watch them, or kill one to test recovery)."""
+        return [self.pids[actor] for actor in self.actors if actor in self.pids]
+
+    def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
+        """Yield ``(position, outcome)`` as each candidate completes, every worker kept busy meanwhile."""
+        queue = deque(range(len(recipes)))
+        tries = [0] * len(recipes)
+        running: dict[ray.ObjectRef, _Job] = {}
+        while queue or running:
+            self._dispatch(queue, recipes, running)
+            ready, _ = ray.wait([*running, *self._restarting], num_returns=1, timeout=self._wait_s(running))
+            if not ready:
+                self._kill_overdue(running)
+                continue
+            (ref,) = ready
+            if ref in self._restarting:
+                self._await_restart(ref)
+                continue
+            job = running.pop(ref)
+            outcome = self._collect(ref, job)
+            if outcome is None:
+                tries[job.position] += 1
+                if tries[job.position] < self.max_tries:
+                    queue.appendleft(job.position)  # re-run first: the loop logs rows in proposal order
+                    continue
+                outcome = Outcome(metrics=None, error=self._give_up(job), seconds=time.monotonic() - job.started)
+            self._dispatch(queue, recipes, running)  # the freed actor works while the loop logs this row
+            yield job.position, outcome
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors, self._idle, self._restarting = [], deque(), {}
+        if self.owns_ray:
+            ray.shutdown()
+
+    def _dispatch(self, queue: deque[int], recipes: list[Recipe], running: dict[ray.ObjectRef, _Job]) -> None:
+        while queue and self._idle:
+            actor, position = self._idle.popleft(), queue.popleft()
+            running[actor.evaluate.remote(recipes[position])] = _Job(actor, position, time.monotonic())
+
+    def _collect(self, ref: ray.ObjectRef, job: _Job) -> Outcome | None:
+        """The candidate's outcome, or None if its actor died (or was killed) first."""
+        try:
+            outcome = ray.get(ref)
+        except RayActorError as error:
+            if error.actor_init_failed:
+                raise _startup_failure(error) from None
+            self.pids.pop(job.actor, None)
+            self._restarting[job.actor.ready.remote()] = job.actor
+            return None
+        # A kill may cross the finished call; the actor is then restarting and must not take work yet.
+        if job.timed_out:
+            self._restarting[job.actor.ready.remote()] = job.actor
+        else:
+            self._idle.append(job.actor)
+        return outcome
+
+    def _give_up(self, job: _Job) -> str:
+        why = f"ran past executor.timeout_s={self.timeout_s}" if job.timed_out else "its Ray worker died"
+        return (
+            f"{why} on each of {self.max_tries} tries (executor.max_tries); "
+            "a worker that dies is out of memory, hit a CUDA error or was killed: see the Ray logs"
+        )
+
+    def _await_restart(self, ref: ray.ObjectRef) -> None:
+        actor = self._restarting.pop(ref)
+        try:
+            pid, startup_error = ray.get(ref)
+        except RayActorError as error:
+            raise _startup_failure(error) from None
+        if startup_error is not None:
+            raise EvomergeError(*startup_error)
+        self.pids[actor] = pid
+        self._idle.append(actor)
+
+    def _wait_s(self, running: dict[ray.ObjectRef, _Job]) -> float | None:
+        """How long to wait for a result before the next candidate runs out of time (None: no limit)."""
+        clocks = [job.started for job in running.values() if not job.timed_out]
+        if self.timeout_s is None or not clocks:
+            return None
+        return max(0.0, min(clocks) + self.timeout_s - time.monotonic())
+
+    def _kill_overdue(self, running: dict[ray.ObjectRef, _Job]) -> None:
+        now = time.monotonic()
+        for job in running.values():
+            if not job.timed_out and now - job.started >= self.timeout_s:
+                job.timed_out = True
+                ray.kill(job.actor, no_restart=False)  # Ray restarts it; its call fails and is counted
+
+
+def _connect(address: str | None) -> bool:
+    """Join Ray (``address``) or start a local instance (None); True if this process started it."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address is None:
+            # "local": never attach to another user's instance on a shared machine by accident.
+            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
+            return True
+        ray.init(address=address)
+    except ConnectionError as error:
+        raise EvomergeError(
+            f"could not join the Ray cluster at executor.address={address} ({error})",
+            "start the cluster first (`ray start --head`, or `ray up scripts/cluster/cluster.yaml`), "
+            "or set executor.address=null to start a local Ray instance",
+        ) from None
+    return False
+
+
+def _slots(*, on_gpu: bool, threads: int) -> int:
+    """One worker per GPU, or one per ``threads`` CPUs, that the cluster has free now (what others
+    hold would leave workers waiting for a place, and the pool with them)."""
+    resources = ray.available_resources()
+    count = int(resources.get("GPU", 0)) if on_gpu else int(resources.get("CPU", 0)) // threads
+    return max(count, 1)
+
+
+def _check_room(count: int, *, on_gpu: bool, threads: int) -> None:
+    """A pool larger than the cluster would wait forever for actors that cannot be placed."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if on_gpu and gpus < count:
+        raise EvomergeError(
+            f"the pool needs {count} GPU(s) (one per worker) but the Ray cluster has {gpus}",
+            "lower executor.num_workers, add GPU nodes, or use device=cpu",
+        )
+    if cpus < count * threads:
+        raise EvomergeError(
+            f"the pool needs {count * threads} CPUs ({count} workers x executor.threads={threads}) "
+            f"but the Ray cluster has {cpus}",
+            "lower executor.num_workers or executor.threads, or add nodes",
+        )
+
+
+def _startup_failure(error: RayActorError) -> EvomergeError:
+    # Ray's message ends with the worker's own exception line; the lines above are Ray's frame.
+    last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    return EvomergeError(
+        f"a Ray worker failed while starting: {last}",
+        "read the worker's error above (e.g. evomerge missing on a node, or a path the node cannot read); "
+        "every node needs evomerge installed and the models at the same paths",
+    )

@@ -1,0 +1,219 @@
+"""The Ray executor on the tiny toy world: a local pool of workers scores like the serial worker, loses
+nothing when a worker is killed, times out, surfaces a worker's startup error, and resumes a killed run.
+
+One local Ray instance serves the module (its start costs seconds); every pool is a real one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+
+from evomerge.config import CONF_DIR, check_config, register_configs
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.lm_eval_scorer import TaskSet
+from evomerge.executor.ray_pool import RayExecutor
+from evomerge.executor.serial import SerialExecutor
+from evomerge.executor.worker import Worker, WorkerSpec
+from evomerge.recipe.recipe import Recipe
+from evomerge.search.run_folder import RunFolder
+from evomerge.search.session import resume, start
+
+
+def recipe(world, math_weight: float, lang_weight: float) -> Recipe:
+    return Recipe.from_plain(
+        {
+            "method": "task_arithmetic",
+            "base": str(world.base),
+            "models": [
+                {"model": str(world.experts["math"]), "weight": math_weight},
+                {"model": str(world.experts["lang"]), "weight": lang_weight},
+            ],
+            "dtype": "float32",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def spec(toy_world) -> WorkerSpec:
+    tasks = TaskSet(names=("toy_math", "toy_lang"), include_path=str(toy_world.tasks_dir), limit=40)
+    return WorkerSpec(template=recipe(toy_world, 0.5, 0.5), tasks=tasks)
+
+
+@pytest.fixture(scope="module")
+def candidates(toy_world) -> list[Recipe]:
+    return [recipe(toy_world, 0.2 * i, 1.0 - 0.1 * i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def serial_metrics(spec, candidates) -> list[dict[str, float]]:
+    executor = SerialExecutor(spec=spec, threads=1)
+    return [outcome.metrics for _, outcome in executor.evaluate(candidates)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Four logical CPUs on this 2-core box: the shared pool (2) and one more pool fit side by side.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray, spec):
+    executor = RayExecutor(spec=spec, num_workers=2, address=None, threads=1, max_tries=2, timeout_s=None)
+    yield executor
+    executor.close()
+
+
+def by_position(results) -> list:
+    return [outcome for _, outcome in sorted(results, key=lambda pair: pair[0])]
+
+
+def test_the_sources_must_fit_the_device(spec, monkeypatch):
+    # Tiny Llama: embeddings and lm_head 111x32 each, final norm 32, and per layer q/k/v/o 32x32,
+    # gate/up/down 64x32, two norms of 32: 3552*2 + 32 + 2*(4*1024 + 3*2048 + 64) = 27,744 floats.
+    # task_arithmetic keeps the working model, the base and both task vectors: 4 copies x 4 bytes.
+    needed = 27_744 * 4 * 4
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
+    with pytest.raises(EvomergeError) as caught:
+        Worker(spec)
+    message = str(caught.value)
+    assert f"needs {needed:,} bytes" in message and f"only {needed - 1:,} bytes" in message
+    assert "4 copies of the model in float32" in message
+    assert "dtype=bfloat16" in message and "fewer models" in message and "bigger GPU" in message
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed)
+    Worker(spec)  # exactly enough is enough
+
+
+@pytest.mark.e2e
+def test_a_pool_of_two_scores_every_candidate_like_the_serial_worker(pool, candidates, serial_metrics):
+    assert len(set(pool.worker_pids())) == 2
+    results = list(pool.evaluate(candidates))
+    assert sorted(position for position, _ in results) == list(range(len(candidates)))
+    assert [outcome.metrics for outcome in by_position(results)] == serial_metrics
+    assert len(set(map(str, serial_metrics))) > 2  # the candidates do score differently
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_mid_run_loses_nothing(pool, candidates, serial_metrics):
+    victim = pool.worker_pids()[0]
+    results = []
+    for position, outcome in pool.evaluate(candidates * 2):
+        if len(results) == 1:
+            os.kill(victim, signal.SIGKILL)
+        results.append((position, outcome))
+    outcomes = by_position(results)
+    assert [o.error for o in outcomes] == [None] * 16
+    assert [o.metrics for o in outcomes] == serial_metrics * 2
+    assert victim not in pool.worker_pids()
+
+
+@pytest.mark.e2e
+def test_a_candidate_past_its_timeout_is_retried_then_failed(local_ray, spec, candidates):
+    executor = RayExecutor(spec=spec, num_workers=1, address=None, threads=1, max_tries=2, timeout_s=0.001)
+    try:
+        first = executor.worker_pids()
+        ((position, outcome),) = list(executor.evaluate(candidates[:1]))
+    finally:
+        executor.close()
+    assert position == 0 and outcome.metrics is None
+    assert outcome.error.startswith("ran past executor.timeout_s=0.001 on each of 2 tries")
+    assert len(first) == 1
+
+
+@pytest.mark.e2e
+def test_a_worker_startup_error_reaches_the_driver_as_itself(local_ray, spec, tmp_path):
+    missing = tmp_path / "not_on_this_node"
+    bad = replace(spec, template=replace(spec.template, base=str(missing)))
+    free = ray.available_resources()["CPU"]
+    with pytest.raises(EvomergeError, match=f"model folder '{missing}' does not exist") as caught:
+        RayExecutor(spec=bad, num_workers=1, address=None, threads=1, max_tries=1, timeout_s=None)
+    assert "Traceback" not in str(caught.value) and "ray::" not in str(caught.value)
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources()["CPU"] == free  # the worker that reported the error was let go
+
+
+def search_config(world, run_dir, *extra):
+    register_configs()
+    overrides = [
+        f"run_dir={run_dir}",
+        f"models.base={world.base}",
+        f"models.experts=[{world.experts['math']},{world.experts['lang']}]",
+        f"tasks.include_path={world.tasks_dir}",
+        "tasks.names=[toy_math,toy_lang]",
+        "tasks.limit=40",
+        "objectives=[{name: mean_skill, terms: {toy_math/acc: 0.5, toy_lang/acc: 0.5}}]",
+        "method.name=task_arithmetic",
+        "optimizer.popsize=4",
+        "budget.evaluations=40",
+        "seed=5",
+        *extra,
+    ]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides), overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["executor=ray", "executor.max_tries=0"], "executor.max_tries=0 is not allowed. use a positive number"),
+        (["executor=ray", "executor.timeout_s=-1"], "executor.timeout_s=-1.0 is not allowed"),
+        (["executor=ray", "executor.threads=0"], "executor.threads=0 is not allowed"),
+        (["executor=ray", "executor.num_workers=0"], "executor.num_workers=0 is not allowed"),
+        (["executor=ray", "device=cuda:1"], "device=cuda:1 is not allowed. use device=cuda"),
+        (["executor.timeout_s=60"], "executor.timeout_s=60.0 is not allowed. use executor=ray"),
+        (["executor=ray", "executor.kind=dask"], "executor.kind"),
+    ],
+)
+def test_bad_executor_settings_name_the_key_and_value(toy_world, tmp_path, override, message):
+    with pytest.raises(Exception, match=message):
+        check_config(search_config(toy_world, tmp_path, *override)[0])
+
+
+def test_the_ray_config_composes_and_checks(toy_world, tmp_path):
+    cfg, _ = search_config(toy_world, tmp_path, "executor=ray")
+    check_config(cfg)
+    assert (cfg.executor.kind, cfg.executor.threads, cfg.executor.max_tries) == ("ray", 1, 3)
+
+
+def rows(run_dir):
+    return [(r["key"], r["scores"], r["proposal"]) for r in RunFolder(run_dir).read_evaluations()]
+
+
+@pytest.mark.e2e
+def test_a_killed_ray_driver_resumes_to_the_serial_result(local_ray, toy_world, tmp_path):
+    serial_dir, ray_dir = tmp_path / "serial", tmp_path / "ray"
+    cfg, _ = search_config(toy_world, serial_dir, "executor.threads=1")
+    start(cfg, serial_dir)
+
+    # The driver joins this module's Ray instance, as `executor.address=auto` joins a cluster.
+    join = [f"executor.address={local_ray}", "executor.num_workers=2"]
+    _, overrides = search_config(toy_world, ray_dir, "executor=ray", *join)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "search", *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(RunFolder(ray_dir).read_evaluations()) < 6 and driver.poll() is None:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    _, err = driver.communicate()
+    assert 6 <= len(rows(ray_dir)) < 40, err[-3000:]
+
+    resume(ray_dir, [], force=False)
+    assert rows(ray_dir) == rows(serial_dir)
+    a, b = RunFolder(ray_dir).load_checkpoint(), RunFolder(serial_dir).load_checkpoint()
+    assert a.best.recipe == b.best.recipe and a.best.scores == b.best.scores
