@@ -51,7 +51,7 @@ def test_the_exported_dfs_model_scores_what_the_search_logged(dfs_run, tmp_path)
     assert model.config.num_hidden_layers == len(best.recipe["path"])
     metrics = LMEvalScorer(
         model=model,
-        tokenizer=AutoTokenizer.from_pretrained(out),
+        tokenizer=AutoTokenizer.from_pretrained(out, trust_remote_code=remote),
         tasks=task_set(OmegaConf.load(dfs_run / "config.yaml")),
     ).score()
     assert metrics == best.metrics

@@ -112,12 +112,14 @@ def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthr
             f"its own modeling code (`{MODELING_NAME}`). Load it with:",
             "",
             "```python",
-            "from transformers import AutoModelForCausalLM",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
+            "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
             "```",
             "",
             "Read the file first: it is short, and subclasses transformers' Llama to multiply each decoder layer's",
-            "input by its scale. Without `trust_remote_code=True` loading fails rather than ignoring the scales.",
+            "input by its scale. Without `trust_remote_code=True` loading fails rather than ignoring the scales",
+            "(lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`).",
             "",
         ]
     if scores:

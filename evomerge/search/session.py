@@ -93,13 +93,14 @@ def build_genome(cfg: DictConfig, template: Recipe, run_dir: Path) -> Genome:
 def _dataflow_genome(cfg: DictConfig, run_dir: Path) -> DataFlowGenome:
     """dfs: paths through ``genome.sources`` (default: the base, then the experts); ps_dfs: the same with
     the PS merge (in the run folder once merged) as source 0. Configs are read, and checked to fit
-    together, before anything is merged: the PS merge has its reference model's config."""
+    together, before anything is merged: until then the PS merge has its reference model's config."""
     genome = cfg.genome
     sources = list(genome.sources) if genome.sources is not None else [cfg.models.base, *cfg.models.experts]
     checked = list(sources)
     if genome.kind == "ps_dfs":
-        sources.insert(0, str(ps_source_folder(run_dir)))
-        checked.insert(0, reference_model(ps_recipe(genome.ps_source)))
+        merged = ps_source_folder(run_dir)
+        sources.insert(0, str(merged))
+        checked.insert(0, str(merged) if merged.exists() else reference_model(ps_recipe(genome.ps_source)))
     return DataFlowGenome(
         sources=sources,
         layer_counts=[checkpoint.num_layers for checkpoint in open_sources(checked)],
