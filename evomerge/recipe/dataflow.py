@@ -26,11 +26,11 @@ from pathlib import Path
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe.recipe import DTYPES
 
 KIND = "dataflow"
 _TOP_KEYS = {"kind", "sources", "embedding_source", "path", "max_path_length", "dtype"}
 _STEP_KEYS = {"source", "layer", "scale"}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from evomerge.executor.worker import WorkerSpec
 from evomerge.genome.contract import Genome
 from evomerge.genome.dfs import DataFlowGenome
 from evomerge.genome.ps import ParameterSpaceGenome
-from evomerge.genome.ps_dfs import merge_ps_source, ps_recipe, ps_source_folder, reference_model
+from evomerge.genome.ps_dfs import merge_ps_source, ps_source_folder, reference_model
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.dataflow import open_sources
-from evomerge.recipe.recipe import Recipe
+from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import write_plots
 from evomerge.search.run_folder import RunFolder
@@ -114,6 +114,20 @@ def _dataflow_genome(cfg: DictConfig, run_dir: Path) -> DataFlowGenome:
     )
 
 
+def ps_recipe(ps_source: str | Path) -> Recipe:
+    """The PS recipe named by ``genome.ps_source``: a recipe file, or a run folder's best candidate."""
+    path = Path(ps_source)
+    if path.is_file():
+        return load_recipe(path)
+    state = RunFolder(path).load_checkpoint() if path.is_dir() else None
+    if state is None or state.best is None or state.best.recipe.get("kind") is not None:
+        raise EvomergeError(
+            f"genome.ps_source '{path}' is neither a recipe file nor a run folder whose best candidate is a PS merge",
+            "point it at a PS recipe (e.g. an exported model's evomerge_recipe.yaml) or at a finished genome=ps run",
+        )
+    return Recipe.from_plain(state.best.recipe, where=f"best candidate of {path}")
+
+
 def task_set(cfg: DictConfig) -> TaskSet:
     """The scorer's task settings: the config's ``tasks`` node, field for field (names as a tuple)."""
     tasks = OmegaConf.to_container(cfg.tasks)
@@ -125,7 +139,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         template = template_recipe(cfg)
         genome = build_genome(cfg, template, run.path)
         if cfg.genome.kind == "ps_dfs":
-            merge_ps_source(cfg.genome.ps_source, run.path, device=cfg.device)
+            merge_ps_source(ps_recipe(cfg.genome.ps_source), run.path, device=cfg.device)
         objectives = [{"name": o.name, "terms": dict(o.terms)} for o in cfg.objectives]
         searched = template.method if cfg.genome.kind == "ps" else f"{cfg.genome.kind} paths"
         print(f"evomerge: {genome.dimension}-dimensional genome over {searched} ({len(objectives)} objective(s))")
