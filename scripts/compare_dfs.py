@@ -28,6 +28,8 @@ from evomerge.config import CONF_DIR, register_configs
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.export import export_run
 from evomerge.io.atomic import atomic_write_text
+from evomerge.materialize.dataflow_to_disk import write_dataflow_model
+from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import start
 from evomerge.toy import build_world
@@ -103,6 +105,17 @@ def main() -> None:
         (name, score_model(path, search_tasks) | score_model(path, holdout))
         for name, path in [("base", world.base), ("math", world.experts["math"]), ("lang", world.experts["lang"])]
     ]
+    # A hand-built reference: the path the task seems to ask for, math's layers read through lang's ends.
+    obvious = DataFlowRecipe(
+        sources=(str(world.base), str(world.experts["math"]), str(world.experts["lang"])),
+        path=tuple(PathStep(source=1, layer=layer) for layer in range(3)),
+        embedding_source=2,
+        dtype="float32",
+    )
+    folder = write_dataflow_model(obvious, args.work / "export" / "math-layers-lang-ends")
+    scored.append(
+        ("hand-built: lang ends, math layers 0-2", score_model(folder, search_tasks) | score_model(folder, holdout))
+    )
     for run in runs:
         (folder,) = export_run(run["run_dir"], args.work / "export" / f"{run['name']}-{run['seed']}")
         metrics = score_model(folder, search_tasks) | score_model(folder, holdout)

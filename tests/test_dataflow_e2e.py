@@ -101,3 +101,12 @@ def test_bad_dfs_configs_are_refused_before_the_run_starts(toy_world, tmp_path, 
     with pytest.raises(EvomergeError, match=message), initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         start(compose("config", overrides=overrides(toy_world, tmp_path / "run", *extra)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_ps_source_must_name_a_ps_recipe_or_a_ps_run(dfs_run, tmp_path):
+    from evomerge.errors import EvomergeError
+    from evomerge.search.session import ps_recipe
+
+    for wrong in (dfs_run, tmp_path / "absent"):
+        with pytest.raises(EvomergeError, match="neither a recipe file nor a run folder whose best candidate is a PS"):
+            ps_recipe(wrong)

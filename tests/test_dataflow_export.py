@@ -10,6 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from evomerge.cli import main
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.dataflow import DataFlowRouter
 from evomerge.materialize.dataflow_to_disk import MERGEKIT_NAME, MODELING_NAME, write_dataflow_model
@@ -68,6 +69,15 @@ def test_scaled_paths_ship_their_modeling_code_and_match_exactly(sources, router
     # Without trust_remote_code loading fails: a plain Llama would silently drop the scales.
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+
+
+@torch.no_grad()
+def test_evomerge_merge_writes_a_dataflow_recipe_file(sources, router, tmp_path):
+    candidate = recipe(sources, (2, 0, 1.0), (1, 1, 1.0), (0, 1, 1.0))
+    (tmp_path / "path.yaml").write_text(candidate.to_yaml())
+    assert main(["merge", str(tmp_path / "path.yaml"), str(tmp_path / "out")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(model(IDS).logits, search_time_logits(router, candidate))
 
 
 @pytest.mark.skipif(

@@ -53,6 +53,8 @@ class DataFlowGenome:
                 f"genome.embedding_source = {embedding_source}, but there are {len(sources)} sources",
                 f"use a source index from 0 to {len(sources) - 1}",
             )
+        if len(scale_range) != 2:
+            raise EvomergeError(f"genome.scale_range = {list(scale_range)}", "give [low, high] with 0 < low < high")
         low, high = (float(v) for v in scale_range)
         if not 0 < low < high:
             raise EvomergeError(f"genome.scale_range = [{low}, {high}]", "give two scales with 0 < low < high")

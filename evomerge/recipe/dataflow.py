@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -59,6 +58,11 @@ class DataFlowRecipe:
         """Refuse a path no model can be built from; ``layer_counts[i]`` is source i's number of layers."""
         if len(layer_counts) != len(self.sources):
             raise ValueError(f"{len(layer_counts)} layer counts for {len(self.sources)} sources")
+        if not 0 <= self.embedding_source < len(self.sources):
+            raise EvomergeError(
+                f"embedding_source = {self.embedding_source}, but the recipe lists {len(self.sources)} sources",
+                f"use a source index from 0 to {len(self.sources) - 1}",
+            )
         if not self.path:
             raise EvomergeError(
                 "the data-flow path is empty, so the model would have no decoder layers",
@@ -136,13 +140,6 @@ class DataFlowRecipe:
             max_path_length=None if cap is None else int(cap),
             dtype=dtype,
         )
-
-
-def load_dataflow_recipe(path: str | Path) -> DataFlowRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise EvomergeError(f"recipe file '{path}' does not exist", "check the path")
-    return DataFlowRecipe.from_plain(yaml.safe_load(path.read_text()) or {}, where=str(path))
 
 
 def to_passthrough(recipe: DataFlowRecipe) -> dict:
