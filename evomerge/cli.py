@@ -12,12 +12,26 @@ from evomerge.errors import EvomergeError
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from evomerge.materialize.dataflow_to_disk import write_dataflow_model
     from evomerge.materialize.to_disk import merge_to_disk
-    from evomerge.recipe.recipe import load_recipe
+    from evomerge.recipe.dataflow import DataFlowRecipe
+    from evomerge.recipe.plain import load_any_recipe
 
     start = time.perf_counter()
+    recipe = load_any_recipe(args.recipe)
+    if isinstance(recipe, DataFlowRecipe):  # layers are copied, not computed: no device involved
+        out = write_dataflow_model(
+            recipe if args.dtype is None else replace(recipe, dtype=args.dtype),
+            args.out_dir,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.shard_size_mb * 1024**2),
+        )
+        print(f"wrote the data-flow model to {out} in {time.perf_counter() - start:.1f} s")
+        return
     out = merge_to_disk(
-        load_recipe(args.recipe),
+        recipe,
         args.out_dir,
         device=args.device,
         dtype=args.dtype,
@@ -89,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    merge = commands.add_parser("merge", help="merge models from a recipe (evomerge or mergekit YAML)")
+    merge = commands.add_parser(
+        "merge", help="merge models from a recipe (evomerge, evomerge data-flow, or mergekit YAML)"
+    )
     merge.add_argument("recipe")
     merge.add_argument("out_dir")
     merge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -38,13 +38,26 @@ class MethodConfig:
     parameters: dict[str, Any] = field(default_factory=dict)  # fixed knobs of the whole merge
 
 
+GENOME_KINDS = ("ps", "dfs", "ps_dfs")
+
+
 @dataclass
 class GenomeConfig:
-    kind: str = "ps"
+    kind: str = "ps"  # ps (conf/genome/ps.yaml), dfs or ps_dfs (conf/genome/dfs.yaml, ps_dfs.yaml)
+    # parameter space (evomerge/genome/ps.py)
     layer_groups: int = 1
     filters: list[str] = field(default_factory=list)
     params: list[str] | None = None  # None: every numeric knob the method declares
     ranges: dict[str, list[float]] = field(default_factory=dict)
+    # data-flow space (evomerge/genome/dfs.py)
+    sources: list[str] | None = None  # None: models.base, then models.experts
+    embedding_source: int = 0  # index into the sources (ps_dfs: 0 is the PS merge)
+    repeats: int = 3
+    max_path_length: int | None = None
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    search_diagonal: bool = False
+    scales_per_position: bool = False
+    ps_source: str | None = None  # ps_dfs: a recipe file, or a run folder whose best candidate is taken
 
 
 @dataclass
@@ -149,8 +162,14 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.tasks.batch_size < 1:
         raise bad("tasks.batch_size", cfg.tasks.batch_size, "a positive batch size")
     _check_executor(cfg, bad)
-    if cfg.genome.kind != "ps":
-        raise bad("genome.kind", cfg.genome.kind, "ps (parameter space)")
+    if cfg.genome.kind not in GENOME_KINDS:
+        raise bad("genome.kind", cfg.genome.kind, "ps (parameter space), dfs (data flow) or ps_dfs (both)")
+    if cfg.genome.kind == "ps_dfs" and not cfg.genome.ps_source:
+        raise bad(
+            "genome.ps_source", None, "a PS recipe file or a finished PS run folder, e.g. genome.ps_source=runs/ps"
+        )
+    if cfg.genome.max_path_length is not None and cfg.genome.max_path_length < 1:
+        raise bad("genome.max_path_length", cfg.genome.max_path_length, "a positive number of layers, or null")
 
 
 def _check_executor(cfg: DictConfig, bad) -> None:

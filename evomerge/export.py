@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.materialize.dataflow_to_disk import write_dataflow_model
 from evomerge.materialize.to_disk import merge_to_disk
-from evomerge.recipe.recipe import Recipe
+from evomerge.recipe.dataflow import DataFlowRecipe
+from evomerge.recipe.plain import recipe_from_plain
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
 
@@ -20,7 +22,10 @@ def export_run(
     device: str = "cpu",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write the chosen candidates as model folders (recipe files and model card included)."""
+    """Write the chosen candidates as model folders (recipe files and model card included).
+
+    A data-flow candidate is written layer by layer (no device needed); see dataflow_to_disk.py for
+    when its folder needs ``trust_remote_code=True``."""
     run = RunFolder(run_dir)
     state = run.load_checkpoint()
     if not isinstance(state, SearchState) or state.evaluations == 0:
@@ -46,9 +51,11 @@ def export_run(
     written = []
     for row, target in zip(chosen, targets, strict=True):
         scores = dict(zip(objectives, row["scores"], strict=True)) | (row["metrics"] or {})
-        written.append(
-            merge_to_disk(Recipe.from_plain(row["recipe"]), target, device=device, overwrite=overwrite, scores=scores)
-        )
+        recipe = recipe_from_plain(row["recipe"])
+        if isinstance(recipe, DataFlowRecipe):
+            written.append(write_dataflow_model(recipe, target, overwrite=overwrite, scores=scores))
+        else:
+            written.append(merge_to_disk(recipe, target, device=device, overwrite=overwrite, scores=scores))
     return written
 
 

@@ -10,20 +10,27 @@ import psutil
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.plan import validate
 from evomerge.materialize.sources import MergeSources
 from evomerge.materialize.to_disk import DTYPES
+from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 
 
-def resident_bytes(template: Recipe, dtype: str) -> tuple[int, int]:
-    """``(bytes, copies)`` a worker keeps resident: the working model, plus the base and every expert
-    as the method reads them (task vectors or raw tensors), each a full copy of the model's tensors."""
+def resident_bytes(template: Recipe | DataFlowRecipe, dtype: str) -> tuple[int, int]:
+    """``(bytes, copies)`` a worker keeps resident. A PS worker holds the working model plus the base and
+    every expert as the method reads them (task vectors or raw tensors), each a full copy of the model's
+    tensors; a DFS worker holds each source model once (paths reference their layers, never copy them)."""
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if isinstance(template, DataFlowRecipe):
+        checkpoints = [Checkpoint.open(source) for source in template.sources]
+        elements = sum(math.prod(c.shape(name)) for c in checkpoints for name in c.names)
+        return elements * itemsize, len(checkpoints)
     sources = MergeSources.open(template, validate(template))
     reference = sources.reference
     elements = sum(math.prod(reference.shape(name)) for name in reference.names)
     copies = 1 + len(sources.all)
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     return elements * itemsize * copies, copies
 
 
@@ -35,7 +42,7 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_sources_fit(template: Recipe, *, device: torch.device, dtype: str) -> None:
+def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:
     """Refuse to load sources that would not fit ``device`` (activations come on top of this bound)."""
     needed, copies = resident_bytes(template, dtype)
     available = free_bytes(device)
@@ -44,7 +51,7 @@ def check_sources_fit(template: Recipe, *, device: torch.device, dtype: str) -> 
     smaller = "use dtype=bfloat16 (half of float32), " if dtype == "float32" else ""
     raise EvomergeError(
         f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {copies} copies of the model "
-        f"in {dtype}: the working model and {copies - 1} source models) but only {available:,} bytes "
+        f"in {dtype}) but only {available:,} bytes "
         f"({available / 2**30:.2f} GiB) are free there",
         f"{smaller}merge fewer models, or run on a device with more free memory (a bigger GPU; "
         "with executor=ray each worker gets a GPU of its own)",

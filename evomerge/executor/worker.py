@@ -1,5 +1,8 @@
 """A worker: one model resident on one device, rewritten in place and scored for each candidate.
 
+A parameter-space candidate is merged into the model's weights (``InPlaceMerger``); a data-flow
+candidate re-routes a model through the resident sources' layers (``DataFlowRouter``).
+
 Workers hold no search logic. The serial executor runs one in-process; the Ray executor runs one per
 GPU (or CPU slot) as an actor. Both build it from the same ``WorkerSpec``.
 """
@@ -13,8 +16,10 @@ from dataclasses import dataclass
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.executor.memory import check_sources_fit
+from evomerge.materialize.dataflow import DataFlowRouter
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import DTYPES, resolve_device
+from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 
 
@@ -22,7 +27,7 @@ from evomerge.recipe.recipe import Recipe
 class WorkerSpec:
     """What a worker needs to start: plain data, cheap to send to another process."""
 
-    template: Recipe
+    template: Recipe | DataFlowRecipe
     tasks: TaskSet
     device: str = "cpu"
     dtype: str = "float32"
@@ -43,15 +48,20 @@ class Worker:
         transformers_logging.disable_progress_bar()  # one model load; its bar would bury the search's
 
         template = spec.template
-        reference = template.base if template.base is not None else template.models[0].model
         device = resolve_device(spec.device)
         check_sources_fit(template, device=device, dtype=spec.dtype)
-        model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[spec.dtype]).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(template.tokenizer_source or reference)
-        self.merger = InPlaceMerger(model=model, template=template)
-        self.scorer = LMEvalScorer(model=model, tokenizer=tokenizer, tasks=spec.tasks)
+        if isinstance(template, DataFlowRecipe):
+            self.merger = DataFlowRouter.load(template, device=device, dtype=DTYPES[spec.dtype])
+            tokenizer_source = template.sources[template.embedding_source]
+        else:
+            reference = template.base if template.base is not None else template.models[0].model
+            model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[spec.dtype]).to(device).eval()
+            self.merger = InPlaceMerger(model=model, template=template)
+            tokenizer_source = template.tokenizer_source or reference
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
 
-    def evaluate(self, recipe: Recipe) -> Outcome:
+    def evaluate(self, recipe: Recipe | DataFlowRecipe) -> Outcome:
         """Materialize and score one candidate; a failure becomes an Outcome, never an exception."""
         start = time.perf_counter()
         try:

@@ -17,10 +17,9 @@ import numpy as np
 
 from evomerge.evaluate.lm_eval_scorer import weighted_sum
 from evomerge.executor.worker import Outcome
-from evomerge.genome.ps import ParameterSpaceGenome
+from evomerge.genome.contract import Candidate, Genome
 from evomerge.optimizer.base import Optimizer
 from evomerge.optimizer.pareto import ParetoFront
-from evomerge.recipe.recipe import Recipe
 from evomerge.search.progress import Progress
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import Best, SearchState
@@ -40,9 +39,9 @@ class Budget:
 def run_search(
     *,
     run: RunFolder,
-    genome: ParameterSpaceGenome,
+    genome: Genome,
     optimizer: Optimizer,
-    evaluate: Callable[[list[Recipe]], Iterator[tuple[int, Outcome]]],
+    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]],
     objectives: list[dict],
     budget: Budget,
 ) -> SearchState:

@@ -29,8 +29,8 @@ def summary_table(state: SearchState, objectives: list[str]) -> str:
     lines = [
         "",
         f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct) | "
-        f"wall {state.elapsed_s:.1f} s, of which scoring candidates {state.evaluating_s:.1f} s "
-        f"({100 * state.evaluating_s / max(state.elapsed_s, 1e-9):.1f}%)",
+        f"wall {state.elapsed_s:.1f} s | workers spent {state.evaluating_s:.1f} s scoring candidates "
+        "(summed over workers: with a pool it exceeds the wall time)",
         "",
         "| objective | best |",
         "| --- | --- |",

@@ -15,9 +15,13 @@ from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.ray_pool import RayExecutor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import WorkerSpec
+from evomerge.genome.contract import Genome
+from evomerge.genome.dfs import DataFlowGenome
 from evomerge.genome.ps import ParameterSpaceGenome
+from evomerge.genome.ps_dfs import merge_ps_source, ps_source_folder, reference_model
 from evomerge.io.checkpoint import Checkpoint
-from evomerge.recipe.recipe import Recipe
+from evomerge.materialize.dataflow import open_sources
+from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import write_plots
 from evomerge.search.run_folder import RunFolder
@@ -27,7 +31,7 @@ from evomerge.search.state import SearchState
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
-    build_genome(cfg, template_recipe(cfg))  # every config error surfaces before the run folder is made
+    build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
     if run.config_path.exists():
         raise EvomergeError(
@@ -73,8 +77,10 @@ def template_recipe(cfg: DictConfig) -> Recipe:
     )
 
 
-def build_genome(cfg: DictConfig, template: Recipe) -> ParameterSpaceGenome:
+def build_genome(cfg: DictConfig, template: Recipe, run_dir: Path) -> Genome:
     genome = cfg.genome
+    if genome.kind != "ps":
+        return _dataflow_genome(cfg, run_dir)
     return ParameterSpaceGenome(
         template=template,
         num_layers=Checkpoint.open(cfg.models.base).num_layers,
@@ -83,6 +89,44 @@ def build_genome(cfg: DictConfig, template: Recipe) -> ParameterSpaceGenome:
         params=None if genome.params is None else list(genome.params),
         ranges={k: list(v) for k, v in genome.ranges.items()},
     )
+
+
+def _dataflow_genome(cfg: DictConfig, run_dir: Path) -> DataFlowGenome:
+    """dfs: paths through ``genome.sources`` (default: the base, then the experts); ps_dfs: the same with
+    the PS merge (in the run folder once merged) as source 0. Configs are read, and checked to fit
+    together, before anything is merged: until then the PS merge has its reference model's config."""
+    genome = cfg.genome
+    sources = list(genome.sources) if genome.sources is not None else [cfg.models.base, *cfg.models.experts]
+    checked = list(sources)
+    if genome.kind == "ps_dfs":
+        merged = ps_source_folder(run_dir)
+        sources.insert(0, str(merged))
+        checked.insert(0, str(merged) if merged.exists() else reference_model(ps_recipe(genome.ps_source)))
+    return DataFlowGenome(
+        sources=sources,
+        layer_counts=[checkpoint.num_layers for checkpoint in open_sources(checked)],
+        embedding_source=genome.embedding_source,
+        repeats=genome.repeats,
+        max_path_length=genome.max_path_length,
+        scale_range=list(genome.scale_range),
+        search_diagonal=genome.search_diagonal,
+        scales_per_position=genome.scales_per_position,
+        dtype=str(getattr(cfg.dtype, "value", cfg.dtype)),  # an enum when composed, a string when reloaded
+    )
+
+
+def ps_recipe(ps_source: str | Path) -> Recipe:
+    """The PS recipe named by ``genome.ps_source``: a recipe file, or a run folder's best candidate."""
+    path = Path(ps_source)
+    if path.is_file():
+        return load_recipe(path)
+    state = RunFolder(path).load_checkpoint() if path.is_dir() else None
+    if state is None or state.best is None or state.best.recipe.get("kind") is not None:
+        raise EvomergeError(
+            f"genome.ps_source '{path}' is neither a recipe file nor a run folder whose best candidate is a PS merge",
+            "point it at a PS recipe (e.g. an exported model's evomerge_recipe.yaml) or at a finished genome=ps run",
+        )
+    return Recipe.from_plain(state.best.recipe, where=f"best candidate of {path}")
 
 
 def task_set(cfg: DictConfig) -> TaskSet:
@@ -94,11 +138,12 @@ def task_set(cfg: DictConfig) -> TaskSet:
 def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
     try:
         template = template_recipe(cfg)
-        genome = build_genome(cfg, template)
+        genome = build_genome(cfg, template, run.path)
+        if cfg.genome.kind == "ps_dfs":
+            merge_ps_source(ps_recipe(cfg.genome.ps_source), run.path, device=cfg.device)
         objectives = [{"name": o.name, "terms": dict(o.terms)} for o in cfg.objectives]
-        print(
-            f"evomerge: {genome.dimension}-dimensional genome over {template.method} ({len(objectives)} objective(s))"
-        )
+        searched = template.method if cfg.genome.kind == "ps" else f"{cfg.genome.kind} paths"
+        print(f"evomerge: {genome.dimension}-dimensional genome over {searched} ({len(objectives)} objective(s))")
         optimizer = _instantiate_optimizer(cfg, genome, len(objectives), run.path)
         # Workers validate the recipe family on a complete candidate: the centre of the box.
         center = genome.to_recipe([0.5] * genome.dimension)
@@ -135,7 +180,7 @@ def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayEx
     return SerialExecutor(spec=spec, threads=node.threads)
 
 
-def _instantiate_optimizer(cfg: DictConfig, genome: ParameterSpaceGenome, n_objectives: int, run_dir: Path):
+def _instantiate_optimizer(cfg: DictConfig, genome: Genome, n_objectives: int, run_dir: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study restored per resume is not news
     try:
         return instantiate(

@@ -53,7 +53,9 @@ def _measure(world: ToyWorld) -> dict:
     # scores candidates: one lm-eval wrapper, tasks read once.
     scored = AutoModelForCausalLM.from_pretrained(world.base).eval()
     scorer = LMEvalScorer(
-        model=scored, tokenizer=tokenizer, tasks=TaskSet(names=tuple(all_tasks), include_path=str(world.tasks_dir), batch_size=256)
+        model=scored,
+        tokenizer=tokenizer,
+        tasks=TaskSet(names=tuple(all_tasks), include_path=str(world.tasks_dir), batch_size=256),
     )
 
     def accuracy(state: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, float]:
