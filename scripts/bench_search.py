@@ -4,7 +4,8 @@
 
 Three searches through the real session (preset=toy, executor=ray, a local Ray instance):
 1. a straight run: workers' busy share (worker-seconds scoring / (loop wall time x workers)), the
-   driver's time per generation outside waiting on workers, evaluations per hour;
+   driver's time per generation outside waiting on workers, evaluations per hour, and where each
+   worker's idle time goes (timestamps taken in the workers and in the driver, on one clock);
 2. a resume of that run for one more generation: the start-up it pays (Ray pool, checkpoint);
 3. the same run with one worker killed (SIGKILL) mid-run: the wall time it adds.
 Writes results/bench_search.md.
@@ -19,14 +20,18 @@ import shutil
 import signal
 import sys
 import time
+from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import ray
 from hydra import compose, initialize_config_dir
 
+import evomerge.executor.ray_pool as ray_pool
 from evomerge.config import CONF_DIR, register_configs
-from evomerge.executor.ray_pool import RayExecutor
+from evomerge.executor.ray_pool import RayExecutor, WorkerActor
 from evomerge.io.atomic import atomic_write_text
+from evomerge.optimizer.base import Optimizer
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import resume, start
 
@@ -65,6 +70,93 @@ class Watch:
         RayExecutor.evaluate = self._evaluate
 
 
+class StampedWorkerActor(WorkerActor):
+    """A worker that appends ``start end`` (time.monotonic) of each candidate to ``<folder>/<pid>``.
+
+    CLOCK_MONOTONIC is one clock for every process on a Linux machine, so these stamps and the
+    driver's line up. Defined in this script, the class travels to the workers by value."""
+
+    folder = ""
+
+    def evaluate(self, recipe):
+        started = time.monotonic()
+        outcome = super().evaluate(recipe)
+        finished = time.monotonic()
+        with open(os.path.join(self.folder, str(os.getpid())), "a") as stamps:
+            stamps.write(f"{started} {finished}\n")
+        return outcome
+
+
+class Timeline:
+    """Stamps the loop's steps in the driver (ask, tell, checkpoint, log rows) and, through
+    StampedWorkerActor, each candidate in the workers."""
+
+    STEPS = ((Optimizer, "ask"), (Optimizer, "tell"), (RunFolder, "save_checkpoint"), (RunFolder, "append_evaluation"))
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.steps: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._saved = {}
+
+    def __enter__(self) -> Timeline:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        StampedWorkerActor.folder = str(self.folder)
+        self._saved[ray_pool, "WorkerActor"] = ray_pool.WorkerActor
+        ray_pool.WorkerActor = StampedWorkerActor
+        for owner, name in self.STEPS:
+            self._saved[owner, name] = getattr(owner, name)
+            setattr(owner, name, self._stamped(name, getattr(owner, name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for (owner, name), original in self._saved.items():
+            setattr(owner, name, original)
+
+    def _stamped(self, name, method):
+        steps = self.steps[name]
+
+        def stamped(*args, **kwargs):
+            began = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                steps.append((began, time.monotonic()))
+
+        return stamped
+
+    def workers(self) -> list[list[tuple[float, float]]]:
+        """Each worker's candidates as (start, end), in order."""
+        return [
+            sorted(tuple(map(float, line.split())) for line in path.read_text().splitlines())
+            for path in sorted(self.folder.iterdir())
+        ]
+
+    def idle_split(self) -> tuple[dict[str, float], float]:
+        """Worker-seconds in each part of a generation's window (ask starts it, the checkpoint ends it),
+        summed over generations and workers; and the windows' total wall time."""
+        parts = dict.fromkeys(("busy", "lead_in", "between", "tail", "wrap_up"), 0.0)
+        asks, checkpoints = self.steps["ask"], self.steps["save_checkpoint"]
+        windows = [(ask[0], checkpoint[1]) for ask, checkpoint in zip(asks, checkpoints, strict=True)]
+        workers = self.workers()
+        for opened, closed in windows:
+            mine = [[(s, e) for s, e in worker if opened <= s < closed] for worker in workers]
+            last_end = max(e for runs in mine for _, e in runs)
+            for runs in mine:
+                if not runs:  # more workers than candidates: this one waited the whole generation
+                    parts["tail"] += closed - opened
+                    continue
+                parts["busy"] += sum(e - s for s, e in runs)
+                parts["lead_in"] += runs[0][0] - opened
+                parts["between"] += sum(b[0] - a[1] for a, b in pairwise(runs))
+                parts["tail"] += last_end - runs[-1][1]
+                parts["wrap_up"] += closed - last_end
+        return parts, sum(c - o for o, c in windows)
+
+    def per_generation_ms(self, name: str) -> float:
+        return 1000 * sum(e - s for s, e in self.steps[name]) / len(self.steps["save_checkpoint"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -75,6 +167,7 @@ def main() -> None:
 
     register_configs()
     shutil.rmtree(args.work, ignore_errors=True)
+    load_before = os.getloadavg()
     began = time.perf_counter()
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False)
     ray_start_s = time.perf_counter() - began
@@ -83,12 +176,15 @@ def main() -> None:
         cfg = compose("config", overrides=fixed)
 
     straight = args.work / "straight"
-    with Watch(kill_after=None) as watch:
+    with Watch(kill_after=None) as watch, Timeline(args.work / "stamps") as timeline:
         began = time.perf_counter()
         state = start(cfg, straight)
         total_s = time.perf_counter() - began
     busy = state.evaluating_s / (state.elapsed_s * args.workers)
     driver_s = (state.elapsed_s - watch.waiting_s) / state.generation
+    parts, windows_s = timeline.idle_split()
+    share = {name: 100 * seconds / (windows_s * args.workers) for name, seconds in parts.items()}
+    per_generation = {name: timeline.per_generation_ms(name) for _, name in Timeline.STEPS}
 
     generation = int(cfg.optimizer.popsize)
     began = time.perf_counter()
@@ -110,10 +206,10 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
-        f"work (load average {load[0]:.1f} at the end), no GPU; a local Ray instance with {args.workers} "
-        f"workers of 1 torch thread each (started in {ray_start_s:.1f} s). World: the full toy world "
-        f"(`preset=toy`, `evomerge toy build --size full`), method `{cfg.method.name}`, CMA-ES, "
-        f"{state.evaluations} evaluations in generations of {generation}.",
+        f"work (1-minute load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end), no GPU; "
+        f"a local Ray instance with {args.workers} workers of 1 torch thread each (started in {ray_start_s:.1f} s). "
+        f"World: the full toy world (`preset=toy`, `evomerge toy build --size full`), method `{cfg.method.name}`, "
+        f"CMA-ES, {state.evaluations} evaluations in generations of {generation}.",
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
@@ -127,10 +223,38 @@ def main() -> None:
         f"| one worker killed mid-run: extra loop wall | {failed.elapsed_s - state.elapsed_s:+.1f} s "
         f"(failed rows: {len(lost)}; same candidates as the straight run: {same}) | nothing lost |",
         "",
-        "The busy share counts the tail of each generation, where the last candidates run while other "
-        "workers wait for the next ask: CMA-ES asks a whole generation at a time. A killed worker costs "
-        "the candidate it was scoring (re-run on another worker) plus the restart of its process "
-        "(Python imports and loading the sources), during which the pool runs one worker short.",
+        "Loop wall is the time the search loop ran (ask to checkpoint, every generation); a worker is busy "
+        "while it materializes and scores a candidate (the worker's own clock, `Outcome.seconds`). The "
+        "driver's time is the loop wall minus the time it spent inside the executor's generator, which "
+        "waits on workers (and hands out candidates as they free up): ask, building recipes, logging rows, "
+        "tell and the checkpoint.",
+        "",
+        "## Where the workers' time goes (straight run)",
+        "",
+        "Each generation's window runs from the start of `ask` to the end of the checkpoint write; per "
+        "worker it splits into the parts below (timestamps in the workers and the driver on one clock), "
+        f"as shares of windows x workers ({windows_s:.1f} s x {args.workers}).",
+        "",
+        "| part of the window | share |",
+        "| --- | --- |",
+        f"| busy: materializing and scoring candidates | {share['busy']:.1f}% |",
+        f"| lead-in: ask, recipes, until the worker's first candidate starts | {share['lead_in']:.1f}% |",
+        f"| between candidates: a worker done until its next candidate starts (Ray round trip, driver loop) "
+        f"| {share['between']:.1f}% |",
+        f"| generation tail: this worker done, another still scoring the generation's last candidate "
+        f"| {share['tail']:.1f}% |",
+        f"| wrap-up: last result back to the driver, rows logged, tell, checkpoint | {share['wrap_up']:.1f}% |",
+        "",
+        "| driver step, per generation | ms |",
+        "| --- | --- |",
+        f"| ask | {per_generation['ask']:.1f} |",
+        f"| tell | {per_generation['tell']:.1f} |",
+        f"| checkpoint (fsync the log, pickle, write, fsync, rename) | {per_generation['save_checkpoint']:.1f} |",
+        f"| log rows (append and flush, {generation} rows) | {per_generation['append_evaluation']:.1f} |",
+        "",
+        "Plots are written once, after the loop, not per generation. A killed worker costs the candidate it "
+        "was scoring (re-run on another worker) plus the restart of its process (Python imports and loading "
+        "the sources), during which the pool runs one worker short.",
     ]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -118,16 +118,42 @@ def test_a_worker_killed_mid_run_loses_nothing(pool, candidates, serial_metrics)
 
 
 @pytest.mark.e2e
-def test_a_candidate_past_its_timeout_is_retried_then_failed(local_ray, spec, candidates):
-    executor = RayExecutor(spec=spec, num_workers=1, address=None, threads=1, max_tries=2, timeout_s=0.001)
+def test_a_candidate_queued_behind_a_killed_one_is_not_charged_a_try(local_ray, spec, candidates, serial_metrics):
+    # 8 candidates on 2 workers: each worker runs one and holds one queued behind it (the queue still
+    # has more than 2 waiting), so the kill takes a running candidate and a queued one. With one try
+    # allowed, only the running one may come back failed.
+    executor = RayExecutor(spec=spec, num_workers=2, address=None, threads=1, max_tries=1, timeout_s=None)
     try:
-        first = executor.worker_pids()
-        ((position, outcome),) = list(executor.evaluate(candidates[:1]))
+        victim = executor.worker_pids()[0]
+        results = []
+        for position, outcome in executor.evaluate(candidates):
+            if not results:
+                os.kill(victim, signal.SIGKILL)
+            results.append((position, outcome))
     finally:
         executor.close()
-    assert position == 0 and outcome.metrics is None
-    assert outcome.error.startswith("ran past executor.timeout_s=0.001 on each of 2 tries")
+    outcomes = by_position(results)
+    failed = [i for i, o in enumerate(outcomes) if o.error is not None]
+    assert len(failed) == 1
+    assert outcomes[failed[0]].error.startswith("its Ray worker died on each of 1 tries")
+    assert [o.metrics for i, o in enumerate(outcomes) if i not in failed] == [
+        m for i, m in enumerate(serial_metrics) if i not in failed
+    ]
+
+
+@pytest.mark.e2e
+def test_a_candidate_past_its_timeout_is_failed_and_the_one_queued_behind_it_runs(local_ray, spec, candidates):
+    # One worker, three candidates: the second is queued behind the first when the first is killed
+    # for its timeout; it must get a try of its own (and time out itself), not share the first's.
+    executor = RayExecutor(spec=spec, num_workers=1, address=None, threads=1, max_tries=1, timeout_s=0.001)
+    try:
+        first = executor.worker_pids()
+        outcomes = by_position(executor.evaluate(candidates[:3]))
+    finally:
+        executor.close()
     assert len(first) == 1
+    assert [o.metrics for o in outcomes] == [None] * 3
+    assert all(o.error.startswith("ran past executor.timeout_s=0.001 on each of 1 tries") for o in outcomes)
 
 
 @pytest.mark.e2e

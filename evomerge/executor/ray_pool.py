@@ -5,9 +5,15 @@ sources from their (shared) paths itself: only recipes and scores cross Ray's ob
 driver hands each queued candidate to the next free actor and yields outcomes as they complete; the
 search loop puts the rows back in proposal order, so the pool's results equal the serial executor's.
 
+While more candidates wait than there are actors, each busy actor also holds one candidate queued
+behind its running one (Ray runs an actor's calls in order), so it starts the next as soon as it
+finishes instead of after a round trip to the driver. The last candidates of a batch go only to
+actors that are free, so none waits behind a slow candidate while another actor has nothing to do.
+
 An actor that dies mid-candidate (killed, CUDA error, out of memory) is restarted by Ray and the
 candidate queued again; one that runs past ``timeout_s`` is killed to the same effect. After
 ``max_tries`` such deaths the candidate comes back as a failed Outcome, which the loop scores worst.
+A candidate queued behind the one that died never ran: it is queued again without counting a try.
 """
 
 from __future__ import annotations
@@ -51,11 +57,13 @@ class WorkerActor:
 
 @dataclass
 class _Job:
-    """A candidate on an actor: ``started`` starts the timeout clock; ``timed_out`` once it was killed."""
+    """A candidate sent to an actor. ``started`` starts its timeout clock: None while it is queued
+    behind another call, set when the driver sees that call finish (its actor then runs this one, so
+    the clock starts late by the driver's reaction time, never early). ``timed_out`` once it was killed."""
 
-    actor: ray.actor.ActorHandle
+    ref: ray.ObjectRef
     position: int
-    started: float
+    started: float | None
     timed_out: bool = False
 
 
@@ -103,26 +111,36 @@ class RayExecutor:
         """Yield ``(position, outcome)`` as each candidate completes, every worker kept busy meanwhile."""
         queue = deque(range(len(recipes)))
         tries = [0] * len(recipes)
-        running: dict[ray.ObjectRef, _Job] = {}
-        while queue or running:
-            self._dispatch(queue, recipes, running)
-            ready, _ = ray.wait([*running, *self._restarting], num_returns=1, timeout=self._wait_s(running))
+        lines: dict[ray.actor.ActorHandle, deque[_Job]] = {}  # each busy actor's calls, the running one first
+        while queue or lines:
+            self._dispatch(queue, recipes, lines)
+            heads = {line[0].ref: actor for actor, line in lines.items()}
+            ready, _ = ray.wait([*heads, *self._restarting], num_returns=1, timeout=self._wait_s(lines))
             if not ready:
-                self._kill_overdue(running)
+                self._kill_overdue(lines)
                 continue
             (ref,) = ready
             if ref in self._restarting:
                 self._await_restart(ref)
                 continue
-            job = running.pop(ref)
-            outcome = self._collect(ref, job)
+            actor = heads[ref]
+            job = lines[actor].popleft()
+            outcome = self._collect(ref, job, actor)
+            if outcome is None or job.timed_out:  # the actor is restarting
+                # A call queued behind the one that died never ran: queue it again, without counting a try.
+                queue.extendleft(reversed([queued.position for queued in lines.pop(actor)]))
+            elif lines[actor]:
+                lines[actor][0].started = time.monotonic()
+            else:
+                del lines[actor]
+                self._idle.append(actor)
             if outcome is None:
                 tries[job.position] += 1
                 if tries[job.position] < self.max_tries:
                     queue.appendleft(job.position)  # re-run first: the loop logs rows in proposal order
                     continue
                 outcome = Outcome(metrics=None, error=self._give_up(job), seconds=time.monotonic() - job.started)
-            self._dispatch(queue, recipes, running)  # the freed actor works while the loop logs this row
+            self._dispatch(queue, recipes, lines)  # a freed actor works while the loop logs this row
             yield job.position, outcome
 
     def close(self) -> None:
@@ -132,26 +150,34 @@ class RayExecutor:
         if self.owns_ray:
             ray.shutdown()
 
-    def _dispatch(self, queue: deque[int], recipes: list[Recipe], running: dict[ray.ObjectRef, _Job]) -> None:
+    def _dispatch(
+        self, queue: deque[int], recipes: list[Recipe], lines: dict[ray.actor.ActorHandle, deque[_Job]]
+    ) -> None:
         while queue and self._idle:
             actor, position = self._idle.popleft(), queue.popleft()
-            running[actor.evaluate.remote(recipes[position])] = _Job(actor, position, time.monotonic())
+            lines[actor] = deque([_Job(actor.evaluate.remote(recipes[position]), position, time.monotonic())])
+        for actor, line in lines.items():
+            # The last len(actors) candidates wait for actors that free up: an actor that drew slow
+            # candidates then takes fewer of them, and the batch ends as balanced as without queueing.
+            if len(queue) <= len(self.actors):
+                return
+            if len(line) == 1 and not line[0].timed_out:
+                position = queue.popleft()
+                line.append(_Job(actor.evaluate.remote(recipes[position]), position, None))
 
-    def _collect(self, ref: ray.ObjectRef, job: _Job) -> Outcome | None:
+    def _collect(self, ref: ray.ObjectRef, job: _Job, actor: ray.actor.ActorHandle) -> Outcome | None:
         """The candidate's outcome, or None if its actor died (or was killed) first."""
         try:
             outcome = ray.get(ref)
         except RayActorError as error:
             if error.actor_init_failed:
                 raise _startup_failure(error) from None
-            self.pids.pop(job.actor, None)
-            self._restarting[job.actor.ready.remote()] = job.actor
+            self.pids.pop(actor, None)
+            self._restarting[actor.ready.remote()] = actor
             return None
         # A kill may cross the finished call; the actor is then restarting and must not take work yet.
         if job.timed_out:
-            self._restarting[job.actor.ready.remote()] = job.actor
-        else:
-            self._idle.append(job.actor)
+            self._restarting[actor.ready.remote()] = actor
         return outcome
 
     def _give_up(self, job: _Job) -> str:
@@ -172,19 +198,20 @@ class RayExecutor:
         self.pids[actor] = pid
         self._idle.append(actor)
 
-    def _wait_s(self, running: dict[ray.ObjectRef, _Job]) -> float | None:
+    def _wait_s(self, lines: dict[ray.actor.ActorHandle, deque[_Job]]) -> float | None:
         """How long to wait for a result before the next candidate runs out of time (None: no limit)."""
-        clocks = [job.started for job in running.values() if not job.timed_out]
+        clocks = [line[0].started for line in lines.values() if not line[0].timed_out]
         if self.timeout_s is None or not clocks:
             return None
         return max(0.0, min(clocks) + self.timeout_s - time.monotonic())
 
-    def _kill_overdue(self, running: dict[ray.ObjectRef, _Job]) -> None:
+    def _kill_overdue(self, lines: dict[ray.actor.ActorHandle, deque[_Job]]) -> None:
         now = time.monotonic()
-        for job in running.values():
-            if not job.timed_out and now - job.started >= self.timeout_s:
-                job.timed_out = True
-                ray.kill(job.actor, no_restart=False)  # Ray restarts it; its call fails and is counted
+        for actor, line in lines.items():
+            running = line[0]
+            if not running.timed_out and now - running.started >= self.timeout_s:
+                running.timed_out = True
+                ray.kill(actor, no_restart=False)  # Ray restarts it; its calls fail, the running one counted
 
 
 def _connect(address: str | None) -> bool:
