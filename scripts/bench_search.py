@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -132,14 +133,17 @@ class Timeline:
             for path in sorted(self.folder.iterdir())
         ]
 
-    def idle_split(self) -> tuple[dict[str, float], float]:
-        """Worker-seconds in each part of a generation's window (ask starts it, the checkpoint ends it),
-        summed over generations and workers; and the windows' total wall time."""
+    def windows(self) -> list[tuple[float, float]]:
+        """Each generation's wall time: from its ask to the next ask; the last one ends when its
+        checkpoint is on disk. Together: the loop's wall time, whatever the driver did in it."""
+        asks = [began for began, _ in self.steps["ask"]]
+        return list(zip(asks, [*asks[1:], self.steps["save_checkpoint"][-1][1]], strict=True))
+
+    def idle_split(self) -> dict[str, float]:
+        """Worker-seconds in each part of the generations' windows, summed over generations and workers."""
         parts = dict.fromkeys(("busy", "lead_in", "between", "tail", "wrap_up"), 0.0)
-        asks, checkpoints = self.steps["ask"], self.steps["save_checkpoint"]
-        windows = [(ask[0], checkpoint[1]) for ask, checkpoint in zip(asks, checkpoints, strict=True)]
         workers = self.workers()
-        for opened, closed in windows:
+        for opened, closed in self.windows():
             mine = [[(s, e) for s, e in worker if opened <= s < closed] for worker in workers]
             last_end = max(e for runs in mine for _, e in runs)
             for runs in mine:
@@ -151,7 +155,7 @@ class Timeline:
                 parts["between"] += sum(b[0] - a[1] for a, b in pairwise(runs))
                 parts["tail"] += last_end - runs[-1][1]
                 parts["wrap_up"] += closed - last_end
-        return parts, sum(c - o for o, c in windows)
+        return parts
 
     def per_generation_ms(self, name: str) -> float:
         return 1000 * sum(e - s for s, e in self.steps[name]) / len(self.steps["save_checkpoint"])
@@ -180,10 +184,12 @@ def main() -> None:
         began = time.perf_counter()
         state = start(cfg, straight)
         total_s = time.perf_counter() - began
-    busy = state.evaluating_s / (state.elapsed_s * args.workers)
-    driver_s = (state.elapsed_s - watch.waiting_s) / state.generation
-    parts, windows_s = timeline.idle_split()
-    share = {name: 100 * seconds / (windows_s * args.workers) for name, seconds in parts.items()}
+    loop_s = sum(closed - opened for opened, closed in timeline.windows())
+    busy = state.evaluating_s / (loop_s * args.workers)
+    driver_s = (loop_s - watch.waiting_s) / state.generation
+    durations = [end - began for worker in timeline.workers() for began, end in worker]
+    mean_s, spread_s = statistics.mean(durations), statistics.stdev(durations)
+    share = {name: 100 * seconds / (loop_s * args.workers) for name, seconds in timeline.idle_split().items()}
     per_generation = {name: timeline.per_generation_ms(name) for _, name in Timeline.STEPS}
 
     generation = int(cfg.optimizer.popsize)
@@ -213,48 +219,53 @@ def main() -> None:
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
-        f"| workers busy (worker-seconds scoring / (loop wall x {args.workers})) | {100 * busy:.1f}% | > 95% |",
-        f"| driver time per generation outside waiting on workers | {1000 * driver_s:.1f} ms "
-        f"({100 * driver_s * state.generation / state.elapsed_s:.2f}% of loop wall) | < 1% |",
-        f"| seconds per candidate on one worker | {state.evaluating_s / state.evaluations:.3f} s | |",
-        f"| evaluations per hour (loop wall) | {3600 * state.evaluations / state.elapsed_s:,.0f} | |",
-        f"| straight run, wall incl. pool start | {total_s:.1f} s (loop {state.elapsed_s:.1f} s) | |",
+        f"| workers busy: worker-seconds scoring / (loop wall x {args.workers}) | {100 * busy:.1f}% | > 95% |",
+        f"| driver time per generation outside the executor (ask, recipes, rows, tell, checkpoint) "
+        f"| {1000 * driver_s:.1f} ms ({100 * driver_s * state.generation / loop_s:.2f}% of loop wall) | < 1% |",
+        f"| seconds per candidate on one worker: mean, standard deviation | {mean_s:.3f} s, {spread_s:.3f} s | |",
+        f"| evaluations per hour (loop wall) | {3600 * state.evaluations / loop_s:,.0f} | |",
+        f"| straight run, wall incl. pool start | {total_s:.1f} s (loop wall {loop_s:.1f} s) | |",
         f"| resume: start-up paid (pool start, checkpoint load) | {resume_cost_s:.1f} s | |",
-        f"| one worker killed mid-run: extra loop wall | {failed.elapsed_s - state.elapsed_s:+.1f} s "
+        f"| one worker killed mid-run: extra search time (`elapsed_s`) | {failed.elapsed_s - state.elapsed_s:+.1f} s "
         f"(failed rows: {len(lost)}; same candidates as the straight run: {same}) | nothing lost |",
         "",
-        "Loop wall is the time the search loop ran (ask to checkpoint, every generation); a worker is busy "
-        "while it materializes and scores a candidate (the worker's own clock, `Outcome.seconds`). The "
-        "driver's time is the loop wall minus the time it spent inside the executor's generator, which "
-        "waits on workers (and hands out candidates as they free up): ask, building recipes, logging rows, "
-        "tell and the checkpoint.",
+        "Loop wall: from the first `ask` to the last checkpoint on disk, timed in the driver. A worker is "
+        "busy while it materializes and scores a candidate (the worker's own clock, `Outcome.seconds`). "
+        "The driver's time is the loop wall minus the time the loop spent inside the executor's generator "
+        "(waiting on workers, handing out candidates, collecting results).",
         "",
         "## Where the workers' time goes (straight run)",
         "",
-        "Each generation's window runs from the start of `ask` to the end of the checkpoint write; per "
-        "worker it splits into the parts below (timestamps in the workers and the driver on one clock), "
-        f"as shares of windows x workers ({windows_s:.1f} s x {args.workers}).",
+        "Each generation's window runs from its `ask` to the next `ask` (the last one to its checkpoint on "
+        "disk); per worker it splits into the parts below, from timestamps taken in the workers and in "
+        f"the driver on one clock, as shares of loop wall x workers ({loop_s:.1f} s x {args.workers}).",
         "",
         "| part of the window | share |",
         "| --- | --- |",
         f"| busy: materializing and scoring candidates | {share['busy']:.1f}% |",
-        f"| lead-in: ask, recipes, until the worker's first candidate starts | {share['lead_in']:.1f}% |",
-        f"| between candidates: a worker done until its next candidate starts (Ray round trip, driver loop) "
+        f"| lead-in: ask, recipes and cache keys, until the worker's first candidate starts | {share['lead_in']:.1f}% |",
+        f"| between candidates: the worker done until its next candidate starts (Ray round trip) "
         f"| {share['between']:.1f}% |",
         f"| generation tail: this worker done, another still scoring the generation's last candidate "
         f"| {share['tail']:.1f}% |",
-        f"| wrap-up: last result back to the driver, rows logged, tell, checkpoint | {share['wrap_up']:.1f}% |",
+        f"| wrap-up: last result back, rows logged, tell, checkpoint handed over, progress bar "
+        f"| {share['wrap_up']:.1f}% |",
         "",
         "| driver step, per generation | ms |",
         "| --- | --- |",
         f"| ask | {per_generation['ask']:.1f} |",
         f"| tell | {per_generation['tell']:.1f} |",
-        f"| checkpoint (fsync the log, pickle, write, fsync, rename) | {per_generation['save_checkpoint']:.1f} |",
-        f"| log rows (append and flush, {generation} rows) | {per_generation['append_evaluation']:.1f} |",
+        f"| checkpoint: fsync the log, pickle, write, fsync, rename (on a thread, overlapping the next "
+        f"generation) | {per_generation['save_checkpoint']:.1f} |",
+        f"| log rows: append and flush, {generation} rows | {per_generation['append_evaluation']:.1f} |",
         "",
-        "Plots are written once, after the loop, not per generation. A killed worker costs the candidate it "
-        "was scoring (re-run on another worker) plus the restart of its process (Python imports and loading "
-        "the sources), during which the pool runs one worker short.",
+        "Each worker keeps one candidate queued behind its running one while more candidates wait than "
+        "there are workers, so most candidates start without a round trip to the driver. The generation "
+        "tail is what is left: CMA-ES asks a whole generation at a time, so a worker that finishes its "
+        "last candidate waits for the others'; it grows with the spread of candidate times (the standard "
+        "deviation above), which on this shared box follows the other work's load. Plots are written once, after the loop, not per generation. A killed worker costs "
+        "the candidate it was scoring (re-run on another worker) plus the restart of its process (Python "
+        "imports and loading the sources), during which the pool runs one worker short.",
     ]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
