@@ -255,7 +255,7 @@ def main() -> None:
         "| --- | --- |",
         f"| ask | {per_generation['ask']:.1f} |",
         f"| tell | {per_generation['tell']:.1f} |",
-        f"| checkpoint: fsync the log, pickle, write, fsync, rename (on a thread, overlapping the next "
+        f"| checkpoint write: fsync the log, write the pickled state, fsync, rename (on a thread, overlapping the next "
         f"generation) | {per_generation['save_checkpoint']:.1f} |",
         f"| log rows: append and flush, {generation} rows | {per_generation['append_evaluation']:.1f} |",
         "",

@@ -3,6 +3,8 @@ write leaves the checkpoint of the generation before, and the resume must still 
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from evomerge.search.run_folder import RunFolder
@@ -13,9 +15,9 @@ def drop_checkpoint_at(monkeypatch, evaluations: int) -> None:
     """The checkpoint that would count ``evaluations`` rows never lands, as if the process died first."""
     save = RunFolder.save_checkpoint
 
-    def save_unless_dropped(run, state):
-        if state.evaluations != evaluations:
-            save(run, state)
+    def save_unless_dropped(run, pickled):
+        if pickle.loads(pickled).evaluations != evaluations:
+            save(run, pickled)
 
     monkeypatch.setattr(RunFolder, "save_checkpoint", save_unless_dropped)
 

@@ -12,8 +12,8 @@ run then replays the logged rows of two generations instead of one, with the sam
 
 from __future__ import annotations
 
-import copy
 import math
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,7 +94,7 @@ def run_search(
             state.optimizer = optimizer.state_dict()
             if saved is not None:
                 saved.result()  # one write at a time, in generation order; its error surfaces here
-            saved = writer.submit(run.save_checkpoint, copy.deepcopy(state))
+            saved = writer.submit(run.save_checkpoint, pickle.dumps(state))
             progress.generation_done(state)
         if saved is not None:
             saved.result()

@@ -96,10 +96,12 @@ class RunFolder:
         self._log_handle.flush()
 
     # -- the checkpoint -----------------------------------------------------------------------
-    def save_checkpoint(self, state: object) -> None:
+    def save_checkpoint(self, pickled: bytes) -> None:
+        """``pickled``: the state, pickled by the caller, so that this write can run on another thread
+        while the caller goes on changing the state."""
         if self._log_handle is not None:
             os.fsync(self._log_handle.fileno())  # the log must be durable before the checkpoint counts it
-        atomic_write_bytes(self.path / CHECKPOINT, pickle.dumps(state))
+        atomic_write_bytes(self.path / CHECKPOINT, pickled)
 
     def load_checkpoint(self) -> object | None:
         path = self.path / CHECKPOINT
