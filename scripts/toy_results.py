@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from toy_comparison import score_model, search, toy_config, write_marked_section
 from toy_plots import plot_fitness, plot_pareto, runs_by_name
 
@@ -41,8 +42,9 @@ from evomerge.toy import ToyWorld, build_world
 SEARCHES = ("random", "ps", "dfs", "ps_dfs", "pareto")
 SKILLS = ("lang", "math", "combined")
 DFS = ["genome=dfs", "genome.embedding_source=2"]  # sources base, math, lang: ends from the language expert
-# mergekit's usual defaults: weight 1 per expert; TIES with the density of mergekit's own TIES example (0.5;
-# its parameter default, 1, would trim nothing) and its defaults normalize on, lambda 1.
+# Default merges as mergekit users write them: weight 1 per expert; TIES at density 0.5, a common mergekit
+# setting (the TIES paper keeps the top 20%; mergekit's parameter default, 1, trims nothing), with mergekit's
+# defaults normalize on and lambda 1.
 DEFAULT_MERGES = {
     "TIES (density 0.5, weight 1 each)": ("ties", {"weight": 1.0, "density": 0.5}),
     "task arithmetic (weight 1 each)": ("task_arithmetic", {"weight": 1.0}),
@@ -83,30 +85,21 @@ def main() -> None:
 
     if not args.plots_only:
         shutil.rmtree(args.work, ignore_errors=True)
-        world = world_of(args.overrides)
+        shared = toy_config(0, "cmaes", 1, args.overrides)  # the world and models every run shares
+        world = build_world(size=shared.toy.size, seed=shared.toy.seed)
         runs = run_searches(args, skip, world)
         tasks = TaskSet(
             names=tuple(world.tasks[s] for s in SKILLS) + tuple(world.holdout_tasks[s] for s in SKILLS),
             include_path=str(world.tasks_dir),
             batch_size=64,
         )
-        references = score_references(world, args.overrides, tasks, args.work / "export")
+        references = score_references(shared, world, tasks, args.work / "export")
         atomic_write_text(args.work / REFERENCES, json.dumps(references, indent=1))
-        table = render_table(args, world, tasks, references, score_bests(runs, tasks, args.work / "export"))
-        table += (
-            "\n"
-            + " ".join(f"![{name}]({os.path.relpath(args.figures / name, args.out.parent)})" for name in FIGURES)
-            + "\n"
-        )
+        runs = score_bests(runs, tasks, args.work / "export")
+        table = render_table(args, shared, world, tasks, references, runs)
         write_marked_section(args.out, BEGIN, END, table)
         print(table)
     draw_plots(args.work, args.figures)
-
-
-def world_of(overrides: list[str]) -> ToyWorld:
-    """The toy world the shared overrides select (``toy.size``, ``toy.seed``)."""
-    cfg = toy_config(0, "cmaes", 1, overrides)
-    return build_world(size=cfg.toy.size, seed=cfg.toy.seed)
 
 
 def run_searches(args: argparse.Namespace, skip: set[str], world: ToyWorld) -> list[dict]:
@@ -121,21 +114,16 @@ def run_searches(args: argparse.Namespace, skip: set[str], world: ToyWorld) -> l
         if "dfs" not in skip:
             runs.append(search(args.work, "dfs", seed, "cmaes", size, [*DFS, *dfs]))
         if "ps_dfs" not in skip:
-            ps_source = args.work / f"ps-{seed}"
-            runs.append(
-                search(
-                    args.work, "ps_dfs", seed, "cmaes", size, ["genome=ps_dfs", f"genome.ps_source={ps_source}", *dfs]
-                )
-            )
+            ps_dfs = ["genome=ps_dfs", f"genome.ps_source={args.work / f'ps-{seed}'}", *dfs]
+            runs.append(search(args.work, "ps_dfs", seed, "cmaes", size, ps_dfs))
     if "pareto" not in skip:
         lang, math = (f"{{name: {s}, terms: {{{world.tasks[s]}/acc: 1.0}}}}" for s in ("lang", "math"))
         search(args.work, "pareto", args.seeds[0], "nsga2", size, [*ps, f"objectives=[{lang},{math}]"])
     return runs
 
 
-def score_references(world: ToyWorld, overrides: list[str], tasks: TaskSet, export: Path) -> dict[str, dict]:
+def score_references(cfg: DictConfig, world: ToyWorld, tasks: TaskSet, export: Path) -> dict[str, dict]:
     """The parents, and the default merges of the experts the toy preset lists."""
-    cfg = toy_config(0, "cmaes", 1, overrides)
     names = {str(path): name for name, path in world.experts.items()}
     folders = {"base": world.base, **{f"expert: {names[p]}": Path(p) for p in cfg.models.experts}}
     for label, (method, knobs) in DEFAULT_MERGES.items():
@@ -161,7 +149,9 @@ def score_bests(runs: list[dict], tasks: TaskSet, export: Path) -> list[dict]:
     return runs
 
 
-def render_table(args, world: ToyWorld, tasks: TaskSet, references: dict[str, dict], runs: list[dict]) -> str:
+def render_table(
+    args, shared: DictConfig, world: ToyWorld, tasks: TaskSet, references: dict[str, dict], runs: list[dict]
+) -> str:
     columns = [f"{name}/acc" for name in tasks.names]
     lines = [
         f"## Search against parents and default merges (toy world `{world.root.name}`)",
@@ -178,8 +168,11 @@ def render_table(args, world: ToyWorld, tasks: TaskSet, references: dict[str, di
     for name, group in by_name.items():
         if group:
             cells = [_mean_std([run["metrics"][c] for run in group]) for c in columns]
-            lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + f" | {_spent(group, by_name['ps'], name)} |")
-    lines += ["", *_notes(args, runs, by_name)]
+            # PS+DFS's extra source is its PS search's best: that search's evaluations were spent too.
+            spent = f"{_spent(by_name['ps'])} + {_spent(group)}" if name == "ps_dfs" else _spent(group)
+            lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + f" | {spent} |")
+    lines += ["", *_notes(args, runs[0]["config"] if runs else shared, runs, by_name), ""]
+    lines.append(" ".join(f"![{name}]({os.path.relpath(args.figures / name, args.out.parent)})" for name in FIGURES))
     return "\n".join(lines) + "\n"
 
 
@@ -189,16 +182,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _spent(group: list[dict], ps: list[dict], name: str) -> str:
+def _spent(group: list[dict]) -> str:
+    """Evaluations per run (a range when the runs stopped at different counts)."""
     counts = sorted({run["state"].evaluations for run in group})
-    text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    if name == "ps_dfs":  # its extra source is the PS search's best: that search's evaluations count too
-        text = f"{_spent(ps, [], 'ps')} + {text}"
-    return text
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
-def _notes(args, runs: list[dict], by_name: dict[str, list[dict]]) -> list[str]:
-    cfg = runs[0]["config"] if runs else toy_config(0, "cmaes", 1, args.overrides)
+def _notes(args, cfg: DictConfig, runs: list[dict], by_name: dict[str, list[dict]]) -> list[str]:
     objective = cfg.objectives[0]
     notes = [
         f"- Seeds {args.seeds}; searched rows are mean ± std over seeds of the best candidate's export, scored "
