@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
@@ -62,7 +63,8 @@ def test_one_run_writes_the_table_and_both_plots_on_the_tiny_world(scripts, toy_
     out.write_text(f"# by hand\n\n{BEGIN}\nstale table\n{END}\n\nreading kept\n")
     command = [
         sys.executable, str(SCRIPTS / "toy_results.py"), "--seeds", "1", "--budget", "4", "--generation-size", "4",
-        "--skip", "dfs,ps_dfs", "--work", str(work), "--out", str(out), "--figures", str(figures),
+        "--skip", "dfs,ps_dfs", "--ps-overrides", "genome.layer_groups=2",
+        "--work", str(work), "--out", str(out), "--figures", str(figures),
         "--", "toy.size=tiny",
     ]  # fmt: skip
     env = {**os.environ, "EVOMERGE_CACHE": str(cache), "PYTHONPATH": str(SCRIPTS.parent)}
@@ -98,6 +100,10 @@ def test_one_run_writes_the_table_and_both_plots_on_the_tiny_world(scripts, toy_
     best = RunFolder(work / "ps-1").load_checkpoint().best.metrics
     assert table["best PS merge (CMA-ES)"][:3] == [f"{best[f'{n}/acc']:.3f}" for n in names[:3]]
     assert table["best PS merge (CMA-ES)"][-1] == "4 |"
+    # --ps-overrides reach the random, PS and NSGA-II runs; the NSGA-II run has the two skills as objectives.
+    configs = {run: OmegaConf.load(work / f"{run}-1" / "config.yaml") for run in ("random", "ps", "pareto")}
+    assert [c.genome.layer_groups for c in configs.values()] == [2, 2, 2]
+    assert [dict(o.terms) for o in configs["pareto"].objectives] == [{"toy_lang/acc": 1.0}, {"toy_math/acc": 1.0}]
 
     for png in ("toy_fitness.png", "toy_pareto.png"):
         assert (figures / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
