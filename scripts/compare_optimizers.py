@@ -12,17 +12,12 @@ import argparse
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from toy_comparison import search
 
-from evomerge.config import CONF_DIR, register_configs
+from evomerge.config import register_configs
 from evomerge.io.atomic import atomic_write_text
-from evomerge.search.session import start
-
-# Equal budgets mean equal generation sizes too, so no optimizer overshoots the budget more than another.
-GENERATION_KEY = {"cmaes": "popsize", "random": "batch_size", "tpe": "batch_size", "nsga2": "population_size"}
 
 
 def main() -> None:
@@ -40,15 +35,10 @@ def main() -> None:
     results: dict[str, list] = {name: [] for name in args.optimizers}
     for name in args.optimizers:
         for seed in args.seeds:
-            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-                size = f"optimizer.{GENERATION_KEY[name]}={args.generation_size}"
-                cfg = compose(
-                    "config", overrides=["preset=toy", f"optimizer={name}", size, f"seed={seed}", *args.overrides]
-                )
-            began = time.perf_counter()
-            state = start(cfg, args.work / f"{name}-{seed}")
-            results[name].append((seed, state, time.perf_counter() - began))
+            run = search(args.work, name, seed, name, args.generation_size, args.overrides)
+            results[name].append((seed, run["state"], run["wall"]))
 
+    cfg = run["config"]
     objective = cfg.objectives[0].name
     lines = [
         "# Toy-world search: optimizers at equal budget",
