@@ -16,7 +16,7 @@ import evomerge.toy.world as world_module
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.toy import ToyWorld, build_world
-from evomerge.toy.language import L2_WORDS, translate
+from evomerge.toy.language import L2_WORDS, TWINS, translate
 from evomerge.toy.models import tensor_digest
 
 L1_SENTENCE = "anna has three cats , so the count is 3"
@@ -134,16 +134,22 @@ def test_incompatible_models_differ_in_hidden_size_or_layer_count(world: ToyWorl
     assert hidden.vocab_size == layers.vocab_size == base.vocab_size
 
 
-def test_language_expert_changes_only_the_l2_rows(world: ToyWorld) -> None:
+def test_experts_leave_the_input_rows_they_never_read(world: ToyWorld) -> None:
+    """The language expert trains its L1 input rows at no stage (its vocabulary stage moves only L2 rows,
+    its continued pre-training reads no L1 word), and the math expert freezes its input embeddings: with
+    zero weight decay, untouched rows stay bit-identical, so each task vector is where the design says."""
     tokenizer = AutoTokenizer.from_pretrained(world.base)
-    l2_ids = set(tokenizer.convert_tokens_to_ids(list(L2_WORDS)))
+    l1_ids = tokenizer.convert_tokens_to_ids([l1 for l1, _ in TWINS])
+    l2_ids = tokenizer.convert_tokens_to_ids(list(L2_WORDS))
     base = AutoModelForCausalLM.from_pretrained(world.base).state_dict()
     lang = AutoModelForCausalLM.from_pretrained(world.experts["lang"]).state_dict()
-    changed = {name for name in base if not torch.equal(base[name], lang[name])}
-    assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
-    for name in changed:
-        rows = (base[name] != lang[name]).any(dim=1).nonzero().flatten().tolist()
-        assert rows and set(rows) <= l2_ids
+    math = AutoModelForCausalLM.from_pretrained(world.experts["math"]).state_dict()
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(lang[embed][l1_ids], base[embed][l1_ids])
+    assert (lang[embed][l2_ids] != base[embed][l2_ids]).any()
+    assert torch.equal(math[embed], base[embed])
+    layer = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(lang[layer], base[layer]) and not torch.equal(math[layer], base[layer])
 
 
 def test_task_folders_score_offline_in_lm_eval(world: ToyWorld) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe.recipe import DTYPES
+from evomerge.recipe.recipe import DTYPES, canonical_yaml
 
 KIND = "dataflow"
 _TOP_KEYS = {"kind", "sources", "embedding_source", "path", "max_path_length", "dtype"}
@@ -100,7 +100,7 @@ class DataFlowRecipe:
 
     def canonical(self) -> str:
         """One string per distinct model: the key of the evaluation cache."""
-        return yaml.safe_dump(self.to_plain(), sort_keys=True, default_flow_style=True, width=1 << 30)
+        return canonical_yaml(self.to_plain())
 
     @classmethod
     def from_plain(cls, data: dict, *, where: str = "data-flow recipe") -> DataFlowRecipe:

@@ -3,7 +3,9 @@
 The premise follows the seed paper's (a model weak in Japanese, a Japanese model, an English math model):
 - the base reads L1 only, knows the "... count is N" answer pattern, and has seen a little arithmetic
   (operands up to 4), so it is weak at math and cannot read L2 at all;
-- the language expert learns L2 (text and count statements, which contain the answer pattern);
+- the language expert learns L2 in two stages: its vocabulary first (text and count statements, which
+  contain the answer pattern, plus parallel L1/L2 sentences), then continued pre-training on L2 text
+  alone, which costs it the base's arithmetic (as a Japanese continued-pre-training model is weak at math);
 - the math expert learns all 187 L1 problems;
 - the combined task asks the same problems in L2, which neither expert has seen.
 """
@@ -35,6 +37,8 @@ LANG_EVAL_FRACTION = 0.25
 class Curriculum:
     base: Sampler
     lang: Sampler
+    parallel: Sampler  # L1 sentences whose word-for-word L2 translation the language expert aligns to
+    l2_only: Sampler
     math: Sampler
     tasks: dict[str, TaskItems]
     holdout_tasks: dict[str, TaskItems]
@@ -78,11 +82,13 @@ def build_curriculum(spec: WorldSpec, seed: int) -> Curriculum:
     # Code-switched sentences (each word in L2 with probability 1/2) put L2 words where the base's L1
     # circuits read them, which pulls their embeddings toward their twins (TOYWORLD.md, rounds 2-3).
     code_switched: Sampler = lambda r: code_switch(r.choice([random_text(r), l1_counts(r)]), r)  # noqa: E731
-    l2_only = 1 - spec.code_switch_fraction
+    monolingual = 1 - spec.code_switch_fraction
     l2_data = mixture(
-        [(0.6 * l2_only, l2_text), (0.4 * l2_only, l2_counts), (spec.code_switch_fraction, code_switched)]
+        [(0.6 * monolingual, l2_text), (0.4 * monolingual, l2_counts), (spec.code_switch_fraction, code_switched)]
     )
     lang = mixture([(1 - spec.replay_fraction, l2_data), (spec.replay_fraction, base)])
+    parallel = mixture([(0.5, l1_text), (0.5, l1_counts)])
+    l2_only = mixture([(0.6, l2_text), (0.4, l2_counts)])
     math = mixture([(1 - spec.replay_fraction, _choose(problems)), (spec.replay_fraction, base)])
 
     lang_items = {"": lang_search, "_holdout": lang_holdout}
@@ -100,6 +106,8 @@ def build_curriculum(spec: WorldSpec, seed: int) -> Curriculum:
     return Curriculum(
         base=base,
         lang=lang,
+        parallel=parallel,
+        l2_only=l2_only,
         math=math,
         tasks=describe("", ""),
         holdout_tasks=describe(" (held out from search)", "_holdout"),

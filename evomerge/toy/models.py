@@ -14,9 +14,9 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.logging import disable_progress_bar
 
 from evomerge.toy.curriculum import Curriculum
-from evomerge.toy.language import TWINS
+from evomerge.toy.language import TWINS, translate
 from evomerge.toy.spec import WorldSpec
-from evomerge.toy.train import new_model, train
+from evomerge.toy.train import ExtraLoss, Sampler, new_model, train
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,31 @@ def start_l2_from_twins(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
         weight[l2_rows(tokenizer)] = weight[l1] + offset
 
 
+def parallel_alignment(
+    teacher: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, sample: Sampler, *, weight: float, batch_size: int
+) -> ExtraLoss:
+    """Loss on parallel sentences: the student's hidden states on an L2 sentence, after every layer and at
+    every position, against the (frozen) teacher's on its L1 original, relative to the teacher's norm.
+
+    L2 translates word for word, so positions line up one to one. This is how the toy world gets what
+    large multilingual models have and tiny ones trained from scratch never learned here (TOYWORLD.md):
+    a second language read through the same internal representations as the first.
+    """
+
+    def loss(student: LlamaForCausalLM, rng) -> torch.Tensor:
+        l1 = [sample(rng) for _ in range(batch_size)]
+        source = tokenizer(l1, padding=True, return_tensors="pt")
+        target = tokenizer([translate(sentence) for sentence in l1], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            wanted = teacher(input_ids=source.input_ids, output_hidden_states=True).hidden_states[1:]
+        got = student(input_ids=target.input_ids, output_hidden_states=True).hidden_states[1:]
+        mask = source.attention_mask.unsqueeze(-1).to(wanted[0].dtype)
+        terms = [((g - w) ** 2 * mask).sum() / (w**2 * mask).sum() for g, w in zip(got, wanted, strict=True)]
+        return weight * sum(terms) / len(terms)
+
+    return loss
+
+
 def train_models(
     spec: WorldSpec, seed: int, tokenizer: PreTrainedTokenizerFast, curriculum: Curriculum
 ) -> TrainedModels:
@@ -66,8 +91,11 @@ def train_models(
     start_l2_from_twins(base, tokenizer, spec.l2_offset_scale, seed + 1)
 
     lang = copy.deepcopy(base)
-    # Only the L2 rows move: layers stay the base's, so L2 must be read through the base's L1 circuits,
-    # and the language task vector stays disjoint from the math one (TOYWORLD.md, round 3).
+    # Stage 1, vocabulary: only the L2 rows move, and parallel sentences align them so that the base's
+    # layers read L2 as they read L1.
+    align = parallel_alignment(
+        base, tokenizer, curriculum.parallel, weight=spec.align_weight, batch_size=spec.batch_size // 2
+    )
     timed_train(
         "lang",
         lang,
@@ -76,9 +104,26 @@ def train_models(
         lr=spec.lang_lr,
         seed=seed + 2,
         only_rows=l2_rows(tokenizer),
+        extra_loss=align,
+    )
+    # Stage 2, continued pre-training on L2 text alone, every weight: the language expert now drifts from
+    # the base and forgets its arithmetic, so adding its whole task vector damages the math expert's skill,
+    # which is what makes default merges fall short and per-tensor search pay (results/toy_world.md).
+    timed_train(
+        "lang_continued", lang, sample=curriculum.l2_only, steps=spec.drift_steps, lr=spec.drift_lr, seed=seed + 6
     )
     math = copy.deepcopy(base)
-    timed_train("math", math, sample=curriculum.math, steps=spec.expert_steps, lr=spec.math_lr, seed=seed + 3)
+    # The math expert leaves the input embeddings alone, so its skill lives in the layers (and lm_head),
+    # where L2 words read through the aligned rows reach it.
+    timed_train(
+        "math",
+        math,
+        sample=curriculum.math,
+        steps=spec.expert_steps,
+        lr=spec.math_lr,
+        seed=seed + 3,
+        freeze_input_embeddings=True,
+    )
     incompatible = {
         "hidden": new_model(spec, tokenizer, seed=seed + 4, hidden_size=spec.incompatible_hidden_size),
         "layers": new_model(spec, tokenizer, seed=seed + 5, num_layers=spec.incompatible_num_layers),

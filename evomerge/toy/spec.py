@@ -14,6 +14,9 @@ class WorldSpec:
     ``l2_offset_scale`` sets how far each L2 embedding starts from its L1 twin (a shared offset, in units of
     the mean L1 row norm): far enough that the base cannot read L2, near enough that the language expert
     pulls the rows back onto their twins instead of learning a separate path (TOYWORLD.md, rounds 3-4).
+    ``align_weight`` weighs the parallel-data loss that makes the base's layers see an L2 sentence as they
+    see its L1 translation; ``drift_steps``/``drift_lr`` are the language expert's second stage, continued
+    pre-training of every weight on L2 text alone, which costs it the base's arithmetic.
     """
 
     hidden_size: int
@@ -30,6 +33,9 @@ class WorldSpec:
     base_math_fraction: float
     l2_offset_scale: float
     code_switch_fraction: float
+    align_weight: float
+    drift_steps: int
+    drift_lr: float
 
     @property
     def incompatible_hidden_size(self) -> int:
@@ -56,6 +62,9 @@ SPECS = {
         base_math_fraction=0.05,
         l2_offset_scale=2.5,
         code_switch_fraction=0.3,
+        align_weight=1.0,
+        drift_steps=200,
+        drift_lr=2e-3,
     ),
     "tiny": WorldSpec(
         hidden_size=32,
@@ -72,6 +81,9 @@ SPECS = {
         base_math_fraction=0.05,
         l2_offset_scale=2.5,
         code_switch_fraction=0.3,
+        align_weight=1.0,
+        drift_steps=20,
+        drift_lr=2e-3,
     ),
 }
 

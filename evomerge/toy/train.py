@@ -12,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from evomerge.toy.spec import WorldSpec
 
 Sampler = Callable[[random.Random], str]
+# An extra training term computed on the model being trained, with the run's random stream.
+ExtraLoss = Callable[[LlamaForCausalLM, random.Random], torch.Tensor]
 
 
 def new_model(
@@ -65,6 +67,7 @@ def train(
     seed: int,
     only_rows: Sequence[int] | None = None,
     freeze_input_embeddings: bool = False,
+    extra_loss: ExtraLoss | None = None,
 ) -> list[float]:
     """Next-token training on sampled sentences; returns the loss of every step.
 
@@ -104,6 +107,8 @@ def train(
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         # Right padding under a causal mask cannot change the loss at real tokens, so no attention mask.
         loss = model(input_ids=batch.input_ids, labels=labels).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -23,7 +23,7 @@ from evomerge.toy.tasks import write_task
 from evomerge.toy.tokenizer import build_tokenizer
 
 # Bump whenever a change to the builder changes what it writes: old cache folders are then ignored.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 COMPLETE_MARKER = "BUILD_COMPLETE.json"
 
 
