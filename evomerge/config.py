@@ -45,7 +45,7 @@ GENOME_KINDS = ("ps", "dfs", "ps_dfs")
 class GenomeConfig:
     kind: str = "ps"  # ps (conf/genome/ps.yaml), dfs or ps_dfs (conf/genome/dfs.yaml, ps_dfs.yaml)
     # parameter space (evomerge/genome/ps.py)
-    layer_groups: int = 1
+    layer_groups: int | None = 1  # None: one group per layer, whatever the model's depth
     filters: list[str] = field(default_factory=list)
     params: list[str] | None = None  # None: every numeric knob the method declares
     ranges: dict[str, list[float]] = field(default_factory=dict)

@@ -25,12 +25,14 @@ def run_demo(*, out_dir: Path = Path("demo"), overrides: list[str] | None = None
     (best,) = export_run(run_dir, out_dir / "best", overwrite=True)
 
     # The parents are task-arithmetic merges too: weight 1 on one expert and 0 on the other is that
-    # expert exactly, and 0 on both is the base. Scoring them with the same worker keeps it comparable.
+    # expert exactly, and 0 on both is the base; weight 1 on both is the merge one would make by hand.
+    # Scoring them with the same worker keeps it comparable.
     experts = list(cfg.models.experts)
     names = ["math expert", "lang expert"]
     worker = Worker(WorkerSpec(template=Recipe.from_plain(state.best.recipe), tasks=task_set(cfg)))
     rows = []
-    for label, weights in [("base", (0.0, 0.0)), (names[0], (1.0, 0.0)), (names[1], (0.0, 1.0))]:
+    references = [("base", (0.0, 0.0)), (names[0], (1.0, 0.0)), (names[1], (0.0, 1.0)), ("default merge", (1.0, 1.0))]
+    for label, weights in references:
         recipe = Recipe.from_plain(
             {
                 "method": "task_arithmetic",

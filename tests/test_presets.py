@@ -1,18 +1,40 @@
-"""The real-size example preset composes, passes the config checks, and names tasks lm-eval has.
-
-No model is loaded (the preset's model paths are a cluster's, not this machine's)."""
+"""The presets compose and pass the config checks: the real-size example names tasks lm-eval has (no model
+is loaded: its paths are a cluster's), and the toy one searches one weight group per layer of any world."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 
 from evomerge.config import CONF_DIR, check_config, register_configs
+from evomerge.search.session import build_genome, template_recipe
+from evomerge.toy import ToyWorld
 
 
-def composed(*overrides: str):
+def composed(*overrides: str, preset: str = "mistral_ja_math"):
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["preset=mistral_ja_math", *overrides])
+        return compose("config", overrides=[f"preset={preset}", *overrides])
+
+
+def test_toy_preset_gives_each_layer_and_tensor_kind_its_own_weight(toy_world: ToyWorld, tmp_path: Path):
+    experts = f"[{toy_world.experts['math']},{toy_world.experts['lang']}]"
+    cfg = composed(f"models.base={toy_world.base}", f"models.experts={experts}", preset="toy")
+    check_config(cfg)
+    genome = build_genome(cfg, template_recipe(cfg), tmp_path)
+    # The tiny world has 2 layers: 2 experts x 2 layer groups x 5 tensor kinds (4 filters and the rest).
+    assert genome.dimension == 2 * 2 * 5
+    recipe = genome.to_recipe(np.linspace(0.0, 1.0, genome.dimension))
+    weight = recipe.models[1].parameters["weight"]
+    # Coordinates map linearly onto [0, 1.5]; the lang expert's mlp genes are coordinates 13 and 18 of
+    # 0..19 (model-major, then layer group, then filter: embed_tokens, lm_head, self_attn, mlp, the rest).
+    step = 1.5 / (genome.dimension - 1)
+    assert weight.at("model.layers.0.mlp.up_proj.weight", 0.0) == pytest.approx(13 * step)
+    assert weight.at("model.layers.1.mlp.up_proj.weight", 1.0) == pytest.approx(18 * step)
+    assert weight.at("model.embed_tokens.weight", 0.0) == pytest.approx(10 * step)
 
 
 def test_mistral_ja_math_composes_into_a_per_layer_ray_search_that_passes_the_checks():

@@ -81,10 +81,11 @@ def build_genome(cfg: DictConfig, template: Recipe, run_dir: Path) -> Genome:
     genome = cfg.genome
     if genome.kind != "ps":
         return _dataflow_genome(cfg, run_dir)
+    num_layers = Checkpoint.open(cfg.models.base).num_layers
     return ParameterSpaceGenome(
         template=template,
-        num_layers=Checkpoint.open(cfg.models.base).num_layers,
-        layer_groups=genome.layer_groups,
+        num_layers=num_layers,
+        layer_groups=num_layers if genome.layer_groups is None else genome.layer_groups,
         filters=list(genome.filters),
         params=None if genome.params is None else list(genome.params),
         ranges={k: list(v) for k, v in genome.ranges.items()},
