@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet, weighted_sum
+from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet, is_well_known, weighted_sum
 
 
 def load(world):
@@ -50,6 +50,15 @@ def test_a_benchmark_test_split_warns_unless_acknowledged(toy_world, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         LMEvalScorer(model=model, tokenizer=tokenizer, tasks=quiet)
+
+
+@pytest.mark.parametrize(
+    ("name", "known"),
+    [("mgsm_direct_ja", True), ("ja_leaderboard_mgsm", True), ("leaderboard_bbh_navigate", True),
+     ("MMLU_stem", True), ("toy_math", False), ("ja_leaderboard_my_task", False), ("my_gsm8k_copy", False)],
+)  # fmt: skip
+def test_well_known_benchmarks_are_recognised_under_suite_prefixes(name: str, known: bool) -> None:
+    assert is_well_known(name) is known
 
 
 def test_unknown_task_and_missing_metric_are_named(toy_world):

@@ -27,6 +27,17 @@ WELL_KNOWN = (
     "mmlu", "gsm8k", "mgsm", "arc_", "hellaswag", "winogrande", "truthfulqa", "piqa", "boolq",
     "humaneval", "mbpp", "bbh", "gpqa", "math", "ifeval", "jcommonsenseqa", "jnli", "jsquad", "xwinograd",
 )  # fmt: skip
+# Suites that republish those benchmarks under their own prefix (lm-eval's ja_leaderboard_mgsm is MGSM-JA's
+# test split, leaderboard_bbh is BBH's).
+SUITE_PREFIXES = ("ja_leaderboard_", "leaderboard_", "openllm_")
+
+
+def is_well_known(name: str) -> bool:
+    """Whether ``name`` is one of the benchmarks everyone reports, under its own name or a suite's prefix."""
+    name = name.lower()
+    for prefix in SUITE_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name.startswith(WELL_KNOWN)
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ def _subsample(task_dict: dict, limit: int | None, seed: int) -> dict[str, list[
 
 def _warn_on_test_splits(task_dict: dict, *, acknowledged: bool) -> None:
     for name, task in task_dict.items():
-        if task.has_test_docs() and name.lower().startswith(WELL_KNOWN) and not acknowledged:
+        if task.has_test_docs() and is_well_known(name) and not acknowledged:
             warnings.warn(
                 f"\n\n*** evomerge: task '{name}' is scored on the TEST split of a well-known benchmark. "
                 "Searching on it fits the merge to that test set, and the number you get no longer "
