@@ -198,8 +198,9 @@ def _notes(args, cfg: DictConfig, runs: list[dict], by_name: dict[str, list[dict
     ]
     if by_name["ps"] or by_name["random"]:
         ps = (by_name["ps"] or by_name["random"])[0]["config"]
+        groups = "one group per layer" if ps.genome.layer_groups is None else f"{ps.genome.layer_groups} layer group(s)"
         notes.append(
-            f"- PS genome: method `{ps.method.name}`, {ps.genome.layer_groups} layer group(s), filters "
+            f"- PS genome: method `{ps.method.name}`, {groups}, filters "
             f"{list(ps.genome.filters) or 'none'}, knobs {list(ps.genome.params) if ps.genome.params else 'all'}"
             + (f"; overrides `{' '.join(args.ps_overrides)}`" if args.ps_overrides else "")
             + "."
