@@ -132,7 +132,7 @@ def ps_recipe(ps_source: str | Path) -> Recipe:
 
 def task_set(cfg: DictConfig) -> TaskSet:
     """The scorer's task settings: the config's ``tasks`` node, field for field (names as a tuple)."""
-    tasks = OmegaConf.to_container(cfg.tasks)
+    tasks = OmegaConf.to_container(cfg.tasks, resolve=True)
     return TaskSet(**{**tasks, "names": tuple(tasks["names"])})
 
 
