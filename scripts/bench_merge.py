@@ -36,8 +36,7 @@ from evomerge.io.atomic import atomic_write_text
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.writer import ShardedWriter
 from evomerge.materialize.in_place import InPlaceMerger
-from evomerge.materialize.sources import MergeSources
-from evomerge.materialize.to_disk import DTYPES, merge_to_disk
+from evomerge.materialize.to_disk import DTYPES, InputReader, merge_to_disk
 from evomerge.methods import get_method
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
@@ -225,7 +224,7 @@ def to_disk_phases(recipe: Recipe, out: Path, *, device: str, dtype: str) -> dic
 
     total = cumulative(merge_to_disk)
     phases = {
-        "read (load, stack, task vectors)": cumulative(MergeSources.inputs),
+        "read (load, stack, task vectors)": cumulative(InputReader.read),
         "merge (method fn)": cumulative(get_method(recipe.method).fn),
         "write (shards, index)": cumulative(ShardedWriter.add) + cumulative(ShardedWriter.finish),
     }

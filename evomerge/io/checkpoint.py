@@ -90,6 +90,10 @@ class Checkpoint:
         tensor = self._handle(self.shards[name]).get_tensor(name)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy one tensor into ``out`` (its shape; any dtype and device, cast on the way) and return ``out``."""
+        return out.copy_(self._handle(self.shards[name]).get_tensor(name))
+
     def _handle(self, file: Path):
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
