@@ -160,13 +160,17 @@ def test_precomputed_gives_the_same_merge(name: str, dtype: torch.dtype, monkeyp
     no number, also where the trim's cut falls among equal magnitudes (a quarter of the task-vector
     entries are exactly 0.25, the cut at density 0.1 lands inside them; bf16 adds ties of its own)."""
     method = get_method(name)
-    # TIES merges a chunk at a time given ranks: chunks of 100 entries put boundaries inside the tensor.
+    # TIES (given ranks) and DARE (given draws) merge a chunk at a time: chunks of 100 entries put
+    # boundaries inside the tensor.
     monkeypatch.setattr("evomerge.methods.ties._CHUNK", 100)
+    monkeypatch.setattr("evomerge.methods.dare._CHUNK", 100)
     generator = torch.Generator().manual_seed(8)
     base = (torch.randint(-8, 8, (16, 32), generator=generator) / 8).to(dtype)  # + 0.25 is exact
     models = (base + 0.1 * torch.randn(model_counts(method)[-1], 16, 32, generator=generator)).to(dtype)
     models[:, :4] = base[:4] + 0.25
-    precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models)
+    # A random method's precompute draws from the generator the method would draw from (call's seed 0).
+    extra = {"generator": torch.Generator().manual_seed(0)} if method.random else {}
+    precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models, **extra)
     for density in (0.1, 0.5, 0.9):
         overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
         plain = call(name, base, models, **overrides)
@@ -653,3 +657,30 @@ def test_bernoulli_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
         assert drawn.dtype == dtype
         assert torch.equal(drawn, torch.bernoulli(probability.expand(300, 70), generator=theirs))
         assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torch.dtype) -> None:
+    """The in-place path draws once per seed (the method's precompute) and merges in blocks of 2**17
+    entries; that is the live merge bit for bit, here over three blocks, with a model kept whole
+    (density 1, no draw) between two that drop. Float64 (and a GPU) keep nothing and draw live."""
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(300_000, generator=generator).to(dtype)
+    deltas = (torch.randn(3, 300_000, generator=generator) * 0.01).to(dtype)
+    kwargs = {
+        "weight": torch.tensor([0.6, 0.3, 0.9], dtype=torch.float64),
+        "density": torch.tensor([0.3, 1.0, 0.7], dtype=torch.float64),
+        "normalize": True,
+        "rescale": True,
+        "lambda_": 1.0,
+        **({"int8_mask": False} if name == "dare_ties" else {}),
+    }
+    live = method.fn(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
+    draws = method.precompute(base, deltas, generator=torch.Generator().manual_seed(11))
+    assert draws.shape == deltas.shape and draws.dtype == torch.float32
+    kept = method.fn(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
+    assert torch.equal(kept, live)
+    assert not torch.equal(live, base)
+    assert method.precompute(base.double(), deltas.double(), generator=torch.Generator()) is None
