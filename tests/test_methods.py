@@ -684,3 +684,20 @@ def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torc
     assert torch.equal(kept, live)
     assert not torch.equal(live, base)
     assert method.precompute(base.double(), deltas.double(), generator=torch.Generator()) is None
+
+
+def test_kth_largest_is_what_kthvalue_finds() -> None:
+    """The radix-narrowed selection TIES trims with returns kthvalue's value for every k, with ties,
+    zeros, infinities and values that share their top 16 bits."""
+    from evomerge.methods.sparsify import kth_largest
+
+    generator = torch.Generator().manual_seed(6)
+    magnitudes = torch.randn(5000, generator=generator).abs()
+    magnitudes[:500] = 0.0
+    magnitudes[500:900] = 0.25
+    magnitudes[900:903] = float("inf")
+    magnitudes[903:1400] = 1.0 + torch.arange(497) * 2**-20  # one top-16-bit bucket
+    for key in (magnitudes, magnitudes[torch.randperm(5000, generator=generator)]):
+        for k in (1, 2, 3, 4, 600, 1000, 2500, 4100, 4500, 4501, 4999, 5000):
+            assert kth_largest(key, k) == torch.kthvalue(key, key.numel() - k + 1).values, k
+    assert kth_largest(magnitudes.double(), 7) == torch.kthvalue(magnitudes.double(), 5000 - 7 + 1).values
