@@ -662,9 +662,10 @@ def test_bernoulli_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torch.dtype) -> None:
-    """The in-place path draws once per seed (the method's precompute) and merges in blocks of 2**17
-    entries; that is the live merge bit for bit, here over three blocks, with a model kept whole
-    (density 1, no draw) between two that drop. Float64 (and a GPU) keep nothing and draw live."""
+    """On CPU, DARE draws first (the in-place path once per seed, as the method's precompute; a single
+    merge, per call) and merges in blocks of 2**17 entries; both are the whole-tensor merge with masks
+    drawn model after model, bit for bit, here over three blocks, with a model kept whole (density 1,
+    no draw) between two that drop. Float64 (and a GPU) keep nothing and draw live."""
     method = get_method(name)
     generator = torch.Generator().manual_seed(4)
     base = torch.randn(300_000, generator=generator).to(dtype)
@@ -677,11 +678,21 @@ def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torc
         "lambda_": 1.0,
         **({"int8_mask": False} if name == "dare_ties" else {}),
     }
+    from evomerge.methods.sparsify import random_drop
+    from evomerge.methods.task_arithmetic import merge_task_vectors
+
+    # The reference: each model's mask drawn in turn from one generator, the whole tensor at once.
+    generator, dropped = torch.Generator().manual_seed(11), torch.empty_like(deltas)
+    for delta, keep, drop in zip(deltas, kwargs["density"].tolist(), dropped, strict=True):
+        random_drop(delta, keep, drop, rescale=True, generator=generator)
+    expected = merge_task_vectors(
+        base, dropped, kwargs["weight"], normalize=True, lambda_=1.0, sign_consensus=name == "dare_ties"
+    )
     live = method.fn(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
     draws = method.precompute(base, deltas, generator=torch.Generator().manual_seed(11))
     assert draws.shape == deltas.shape and draws.dtype == torch.float32
     kept = method.fn(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
-    assert torch.equal(kept, live)
+    assert torch.equal(live, expected) and torch.equal(kept, expected)
     assert not torch.equal(live, base)
     assert method.precompute(base.double(), deltas.double(), generator=torch.Generator()) is None
 

@@ -48,9 +48,14 @@ def _dare(
     draws: torch.Tensor | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Drop, rescale and merge; with the draws known every step is elementwise, so the merge runs a
-    chunk at a time (as TIES does with its ranks, and for the same reason: small temporaries)."""
+    """Drop, rescale and merge; with the draws known (kept, or drawn first on CPU) every step is
+    elementwise, so the merge runs a chunk at a time (as TIES does with its ranks, and for the same
+    reason: small temporaries)."""
     keeps = density.tolist()
+    if draws is None and draws_words(deltas):
+        # Drawn live, the same words up front (one row per model that drops, in order), so the merge
+        # can run in chunks here too.
+        draws = bernoulli_words(torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:])), generator)
     if draws is None:
         dropped = torch.empty_like(deltas)
         for delta, keep, drop in zip(deltas, keeps, dropped, strict=True):
@@ -61,7 +66,7 @@ def _dare(
     count = deltas.shape[0]
     flat_base, flat_deltas = base.reshape(-1), deltas.reshape(count, -1)
     # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
-    rows = iter(draws.reshape(count, -1))
+    rows = iter(draws.reshape(draws.shape[0], flat_base.numel()))
     words = [next(rows) if keep < 1 else None for keep in keeps]
     merged = torch.empty_like(flat_base) if out is None else out.view(-1)
     block = torch.empty(count, min(_CHUNK, flat_base.numel()), dtype=deltas.dtype, device=deltas.device)
