@@ -3,8 +3,9 @@
 Sources stay resident on the model's device in the form the method reads (task vectors are computed
 once, here, not per candidate), and so does what a method declares it derives from its inputs alone
 (its ``precompute``: TIES' magnitude ranks, slerp's norms, DARE's draws for the recipe's seed),
-computed the first time a candidate uses that method (and seed). Each candidate costs one method call per tensor, written straight into the parameter,
-with temporaries the size of one tensor, never a second model.
+computed the first time a candidate uses that method (and seed). Each candidate costs one method call
+per tensor, written straight into the parameter, with temporaries the size of one tensor, never a
+second model.
 """
 
 from __future__ import annotations
