@@ -36,8 +36,7 @@ from evomerge.io.atomic import atomic_write_text
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.writer import ShardedWriter
 from evomerge.materialize.in_place import InPlaceMerger
-from evomerge.materialize.sources import MergeSources
-from evomerge.materialize.to_disk import DTYPES, merge_to_disk
+from evomerge.materialize.to_disk import DTYPES, InputReader, merge_to_disk
 from evomerge.methods import get_method
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
@@ -167,10 +166,11 @@ def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeat
     # Warm-up: the first call faults the parameters' pages in and computes what the method declares
     # as its precompute (TIES' magnitude ranks: one sort per task vector), once per search.
     first = timings(lambda: merger.materialize(recipe), repeats=1, device=device)[0]
+    kept = sum(t.nbytes for known in merger._precomputed.values() for t in known.values() if t is not None)
     seconds = statistics.median(timings(lambda: merger.materialize(recipe), repeats=repeats, device=device))
     ops = top_ops(lambda: merger.materialize(recipe), device=device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"b": seconds, "b_first": first, "ops": ops, "peak_device": peak}
+    return {"b": seconds, "b_first": first, "kept": kept, "ops": ops, "peak_device": peak}
 
 
 # Each tool's console script (`from X import main; sys.exit(main())`) with a clock read once the
@@ -225,7 +225,7 @@ def to_disk_phases(recipe: Recipe, out: Path, *, device: str, dtype: str) -> dic
 
     total = cumulative(merge_to_disk)
     phases = {
-        "read (load, stack, task vectors)": cumulative(MergeSources.inputs),
+        "read (load, stack, task vectors)": cumulative(InputReader.read),
         "merge (method fn)": cumulative(get_method(recipe.method).fn),
         "write (shards, index)": cumulative(ShardedWriter.add) + cumulative(ShardedWriter.finish),
     }
@@ -289,7 +289,7 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
             f"{r['a'] * 1e3:.0f} ms, {r['gbps']:.1f} GB/s",
             f"{r['b'] * 1e3:.0f} ms{peak}",
             f"{b_ratio:.1f}×",
-            f"{r['b_first']:.2f} s",
+            f"{r['b_first']:.2f} s" + (f", keeps {mb(r['kept'])}" if r["kept"] else ""),
         ]
         cells.append(f"{r['c']:.1f} s ({r['start_c']:.1f} s start-up)")
         said = [f"(b) ≤ 2× (a) {'holds' if b_ratio <= 2 else 'FAILS'} at {b_ratio:.1f}×"]
@@ -391,7 +391,8 @@ def main() -> None:
         "- (a): one fused `add` (2 inputs) or `addcmul` (3 inputs) per tensor over sources resident on the device, "
         "N reads + 1 write per entry: the least any merge moves. (b): `InPlaceMerger.materialize` into a loaded "
         f"model, sources resident, median of {args.repeats} after a warm-up (the first call, which also computes what "
-        "the method declares as its precompute, is timed apart); one more call runs under torch.profiler "
+        "the method declares as its precompute, is timed apart, with the memory that precompute keeps on the device "
+        "beside the resident sources); one more call runs under torch.profiler "
         f"and names the ops below. (a) is the fastest of {args.repeats} after a warm-up.",
         f"- (c): `{shlex.join(['evomerge', 'merge', 'RECIPE', 'OUT', *tools['evomerge_flags']])}`. (d): "
         f"`{shlex.join(['mergekit-yaml', 'CONFIG', 'OUT', *tools['mergekit_flags']])}` ({mergekit or 'not found'}) "

@@ -47,6 +47,22 @@ def test_sharded_folder_reads_back_lazily(tmp_path):
     assert checkpoint.load("lm_head.weight", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_read_into_reads_the_stored_bytes_and_casts_otherwise(tmp_path, dtype):
+    """read_into fills a buffer of the stored dtype straight from the file (a strided view of a larger
+    buffer, as the to-disk merge passes, included) and casts into any other dtype."""
+    original = {name: tensor.to(dtype) for name, tensor in tensors(seed=3).items()}
+    checkpoint = Checkpoint.open(make_folder(tmp_path / "m", original))
+    flat = torch.full((100,), float("nan"), dtype=dtype)
+    for name, tensor in original.items():
+        view = flat[: tensor.numel()].view(tensor.shape)
+        assert checkpoint.read_into(name, view) is view and torch.equal(view, tensor)
+        cast = checkpoint.read_into(name, torch.empty(tensor.shape, dtype=torch.float64))
+        assert torch.equal(cast, tensor.double())
+    with pytest.raises(EvomergeError, match="bytes"):
+        checkpoint.read_into("lm_head.weight", torch.empty(4, 4, dtype=dtype))
+
+
 def test_missing_folder_and_missing_config(tmp_path):
     with pytest.raises(EvomergeError, match="does not exist"):
         Checkpoint.open(tmp_path / "nope")

@@ -111,3 +111,18 @@ def test_in_place_reuses_resident_sources_across_candidates(toy_world):
     base = Checkpoint.open(toy_world.base).load(name)
     # lambda scales the merged task vector: base + 0.5 * (first - base)
     torch.testing.assert_close(param.detach(), base + 0.5 * (first - base), rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_dare_keeps_one_seeds_draws_and_follows_a_new_seed(toy_world, tmp_path):
+    """DARE's draws are kept per resident tensor for the recipe's seed; a candidate under another seed
+    draws afresh (the old draws are dropped, not kept beside) and equals that seed's merge to disk."""
+    first, second = make_recipe(toy_world, "dare_ties", seed=1), make_recipe(toy_world, "dare_ties", seed=2)
+    live = AutoModelForCausalLM.from_pretrained(toy_world.base, dtype=torch.float32)
+    merger = InPlaceMerger(model=live, template=first)
+    merger.materialize(first)
+    merger.materialize(second)
+    assert [seed for _, seed in merger._precomputed] == [2]
+    written = Checkpoint.open(merge_to_disk(second, tmp_path / "seed2"))
+    params = dict(live.named_parameters())
+    for name in written.names:
+        assert torch.equal(params[name], written.load(name)), name

@@ -160,13 +160,17 @@ def test_precomputed_gives_the_same_merge(name: str, dtype: torch.dtype, monkeyp
     no number, also where the trim's cut falls among equal magnitudes (a quarter of the task-vector
     entries are exactly 0.25, the cut at density 0.1 lands inside them; bf16 adds ties of its own)."""
     method = get_method(name)
-    # TIES merges a chunk at a time given ranks: chunks of 100 entries put boundaries inside the tensor.
+    # TIES (given ranks) and DARE (given draws) merge a chunk at a time: chunks of 100 entries put
+    # boundaries inside the tensor.
     monkeypatch.setattr("evomerge.methods.ties._CHUNK", 100)
+    monkeypatch.setattr("evomerge.methods.dare._CHUNK", 100)
     generator = torch.Generator().manual_seed(8)
     base = (torch.randint(-8, 8, (16, 32), generator=generator) / 8).to(dtype)  # + 0.25 is exact
     models = (base + 0.1 * torch.randn(model_counts(method)[-1], 16, 32, generator=generator)).to(dtype)
     models[:, :4] = base[:4] + 0.25
-    precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models)
+    # A random method's precompute draws from the generator the method would draw from (call's seed 0).
+    extra = {"generator": torch.Generator().manual_seed(0)} if method.random else {}
+    precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models, **extra)
     for density in (0.1, 0.5, 0.9):
         overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
         plain = call(name, base, models, **overrides)
@@ -653,3 +657,58 @@ def test_bernoulli_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
         assert drawn.dtype == dtype
         assert torch.equal(drawn, torch.bernoulli(probability.expand(300, 70), generator=theirs))
         assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torch.dtype) -> None:
+    """On CPU, DARE draws first (the in-place path once per seed, as the method's precompute; a single
+    merge, per call) and merges in blocks of 2**17 entries; both are the whole-tensor merge with masks
+    drawn model after model, bit for bit, here over three blocks, with a model kept whole (density 1,
+    no draw) between two that drop. Float64 (and a GPU) keep nothing and draw live."""
+    method = get_method(name)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(300_000, generator=generator).to(dtype)
+    deltas = (torch.randn(3, 300_000, generator=generator) * 0.01).to(dtype)
+    kwargs = {
+        "weight": torch.tensor([0.6, 0.3, 0.9], dtype=torch.float64),
+        "density": torch.tensor([0.3, 1.0, 0.7], dtype=torch.float64),
+        "normalize": True,
+        "rescale": True,
+        "lambda_": 1.0,
+        **({"int8_mask": False} if name == "dare_ties" else {}),
+    }
+    from evomerge.methods.sparsify import random_drop
+    from evomerge.methods.task_arithmetic import merge_task_vectors
+
+    # The reference: each model's mask drawn in turn from one generator, the whole tensor at once.
+    generator, dropped = torch.Generator().manual_seed(11), torch.empty_like(deltas)
+    for delta, keep, drop in zip(deltas, kwargs["density"].tolist(), dropped, strict=True):
+        random_drop(delta, keep, drop, rescale=True, generator=generator)
+    expected = merge_task_vectors(
+        base, dropped, kwargs["weight"], normalize=True, lambda_=1.0, sign_consensus=name == "dare_ties"
+    )
+    live = method.fn(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
+    draws = method.precompute(base, deltas, generator=torch.Generator().manual_seed(11))
+    assert draws.shape == deltas.shape and draws.dtype == torch.float32
+    kept = method.fn(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
+    assert torch.equal(live, expected) and torch.equal(kept, expected)
+    assert not torch.equal(live, base)
+    assert method.precompute(base.double(), deltas.double(), generator=torch.Generator()) is None
+
+
+def test_kth_largest_is_what_kthvalue_finds() -> None:
+    """The radix-narrowed selection TIES trims with returns kthvalue's value for every k, with ties,
+    zeros, infinities and values that share their top 16 bits."""
+    from evomerge.methods.sparsify import kth_largest
+
+    generator = torch.Generator().manual_seed(6)
+    magnitudes = torch.randn(5000, generator=generator).abs()
+    magnitudes[:500] = 0.0
+    magnitudes[500:900] = 0.25
+    magnitudes[900:903] = float("inf")
+    magnitudes[903:1400] = 1.0 + torch.arange(497) * 2**-20  # one top-16-bit bucket
+    for key in (magnitudes, magnitudes[torch.randperm(5000, generator=generator)]):
+        for k in (1, 2, 3, 4, 600, 1000, 2500, 4100, 4500, 4501, 4999, 5000):
+            assert kth_largest(key, k) == torch.kthvalue(key, key.numel() - k + 1).values, k
+    assert kth_largest(magnitudes.double(), 7) == torch.kthvalue(magnitudes.double(), 5000 - 7 + 1).values

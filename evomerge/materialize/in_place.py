@@ -2,9 +2,10 @@
 
 Sources stay resident on the model's device in the form the method reads (task vectors are computed
 once, here, not per candidate), and so does what a method declares it derives from its inputs alone
-(its ``precompute``: TIES' magnitude ranks, slerp's norms), computed the first time a candidate uses
-that method. Each candidate costs one method call per tensor, written straight into the parameter,
-with temporaries the size of one tensor, never a second model.
+(its ``precompute``: TIES' magnitude ranks, slerp's norms, DARE's draws for the recipe's seed),
+computed the first time a candidate uses that method (and seed). Each candidate costs one method call
+per tensor, written straight into the parameter, with temporaries the size of one tensor, never a
+second model.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class InPlaceMerger:
         self._key = _source_key(template)
         self._targets = {name: parameters[name] for name in sources.reference.names}
         self._resident: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        # precompute function -> tensor name -> its result; a search changes parameters, rarely methods.
-        self._precomputed: dict[object, dict[str, torch.Tensor]] = {}
+        # (precompute function, seed for a random method) -> tensor name -> its result; a search changes
+        # parameters, rarely methods or seeds. Only the latest seed's draws are kept (see _precomputed_for).
+        self._precomputed: dict[tuple[object, int | None], dict[str, torch.Tensor | None]] = {}
         with torch.no_grad():
             for name in self._targets:
                 self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
@@ -53,15 +55,26 @@ class InPlaceMerger:
                 base, stacked = self._resident[name]
                 kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=self.device)
                 if method.precompute is not None:
-                    known = self._precomputed.setdefault(method.precompute, {})
+                    known = self._precomputed_for(method, recipe)
                     if name not in known:
-                        known[name] = method.precompute(base, stacked)
+                        # A random precompute takes this tensor's generator, as the method would draw.
+                        extra = {"generator": kwargs["generator"]} if method.random else {}
+                        known[name] = method.precompute(base, stacked, **extra)
                     kwargs["precomputed"] = known[name]
                 # Methods write into a flat view of ``out`` in the sources' dtype.
                 if target.is_contiguous() and target.dtype == self.dtype:
                     method.fn(base, stacked, **kwargs, out=target)
                 else:
                     target.copy_(method.fn(base, stacked, **kwargs))
+
+    def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, torch.Tensor | None]:
+        """The results of ``method.precompute`` kept for ``recipe``; a random method's are the draws of
+        one seed, as large as the sources: a new seed replaces them instead of adding to them."""
+        key = (method.precompute, recipe.seed if method.random else None)
+        if key not in self._precomputed and method.random:
+            for stale in [k for k in self._precomputed if k[0] is method.precompute]:
+                del self._precomputed[stale]
+        return self._precomputed.setdefault(key, {})
 
     def _check(self, recipe: Recipe) -> MergeMethod:
         method = validate(recipe)

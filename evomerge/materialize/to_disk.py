@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.model_card import write_recipe_files
 from evomerge.materialize.plan import method_kwargs, validate
 from evomerge.materialize.sources import MergeSources
+from evomerge.methods import MergeMethod
 from evomerge.recipe.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +51,13 @@ def merge_to_disk(
     tokenizer_source = sources.reference.path if recipe.tokenizer_source is None else Path(recipe.tokenizer_source)
     with torch.no_grad(), atomic_folder(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
+        reader = InputReader(sources=sources, method=method, device=torch_device, dtype=out_dtype)
         for name in reference.names:
-            base, stacked = sources.inputs(method, name, device=torch_device, dtype=out_dtype)
+            base, stacked = reader.read(name)
             kwargs = method_kwargs(recipe, method, name, num_layers=reference.num_layers, device=torch_device)
-            writer.add(name, method.fn(base, stacked, **kwargs).to(out_dtype))
+            # The inputs' buffers are refilled for the next tensor: the result must be a tensor of its own.
+            merged = torch.empty(reference.shape(name), dtype=out_dtype, device=torch_device)
+            writer.add(name, method.fn(base, stacked, **kwargs, out=merged))
         writer.finish()
         write_model_files(
             folder=tmp,
@@ -63,3 +68,35 @@ def merge_to_disk(
         )
         write_recipe_files(folder=tmp, recipe=recipe, scores=scores)
     return out_dir
+
+
+class InputReader:
+    """``MergeSources.inputs`` for a merge that is done with one tensor's inputs before it reads the
+    next: every tensor is read into views of two buffers sized for the largest.
+
+    A fresh tensor per read is a fresh mapping from the OS, and its first touch faults page by page:
+    on the merge bench's 53M-parameter models that cost more than copying the bytes (0.33 s against
+    0.13 s to read two models' tensors).
+    """
+
+    def __init__(self, *, sources: MergeSources, method: MergeMethod, device: torch.device, dtype: torch.dtype) -> None:
+        self.sources = sources
+        self.method = method
+        reference = sources.reference
+        largest = max(math.prod(reference.shape(name)) for name in reference.names)
+        self._base = torch.empty(largest if sources.base is not None else 0, dtype=dtype, device=device)
+        self._stacked = torch.empty(len(sources.models) * largest, dtype=dtype, device=device)
+
+    def read(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(base, stacked)`` for ``name``, as ``MergeSources.inputs`` gives them, valid until the next call."""
+        shape = self.sources.reference.shape(name)
+        numel, count = math.prod(shape), len(self.sources.models)
+        base = None
+        if self.sources.base is not None:
+            base = self.sources.base.read_into(name, self._base[:numel].view(shape))
+        stacked = self._stacked[: count * numel].view(count, *shape)
+        for model, row in zip(self.sources.models, stacked, strict=True):
+            model.read_into(name, row)
+        if self.method.inputs == "deltas":
+            stacked.sub_(base)
+        return base, stacked

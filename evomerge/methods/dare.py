@@ -14,17 +14,78 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import random_drop
+from evomerge.methods.sparsify import bernoulli_words, draws_words, random_drop
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
+# Entries per block of the chunked merge: TIES' block size (see ties.py), measured there.
+_CHUNK = 1 << 17
 
 
-def _drop(deltas: torch.Tensor, density: torch.Tensor, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    dropped = torch.empty_like(deltas)
-    for delta, keep, drop in zip(deltas, density.tolist(), dropped, strict=True):
-        random_drop(delta, keep, drop, rescale=rescale, generator=generator)
-    return dropped
+def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor | None:
+    """Every draw DARE can take from ``generator`` for these task vectors, whatever the densities:
+    N rows of ``bernoulli_words``, the k-th model that drops (density < 1) taking row k.
+
+    Drawing is most of what a DARE merge costs on CPU (one Mersenne Twister word per entry), and a
+    search merges the same resident task vectors under one seed again and again; the rows cost 4 bytes
+    per entry per model, as much as float32 task vectors. None where ``bernoulli`` draws another way
+    (on a GPU, in float64): those draw per call.
+    """
+    return bernoulli_words(deltas.shape, generator) if draws_words(deltas) else None
+
+
+def _dare(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    *,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    sign_consensus: bool,
+    generator: torch.Generator,
+    draws: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Drop, rescale and merge; with the draws known (kept, or drawn first on CPU) every step is
+    elementwise, so the merge runs a chunk at a time (as TIES does with its ranks, and for the same
+    reason: small temporaries)."""
+    keeps = density.tolist()
+    if draws is None and draws_words(deltas):
+        # Drawn live, the same words up front (one row per model that drops, in order), so the merge
+        # can run in chunks here too.
+        draws = bernoulli_words(torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:])), generator)
+    if draws is None:
+        dropped = torch.empty_like(deltas)
+        for delta, keep, drop in zip(deltas, keeps, dropped, strict=True):
+            random_drop(delta, keep, drop, rescale=rescale, generator=generator)
+        return merge_task_vectors(
+            base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=sign_consensus, out=out
+        )
+    count = deltas.shape[0]
+    flat_base, flat_deltas = base.reshape(-1), deltas.reshape(count, -1)
+    # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
+    rows = iter(draws.reshape(draws.shape[0], flat_base.numel()))
+    words = [next(rows) if keep < 1 else None for keep in keeps]
+    merged = torch.empty_like(flat_base) if out is None else out.view(-1)
+    block = torch.empty(count, min(_CHUNK, flat_base.numel()), dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, flat_base.numel(), _CHUNK):
+        span = slice(start, start + _CHUNK)
+        dropped = block[:, : flat_base[span].numel()]
+        for delta, keep, row, drop in zip(flat_deltas, keeps, words, dropped, strict=True):
+            chunk = None if row is None else row[span]
+            random_drop(delta[span], keep, drop, rescale=rescale, generator=generator, words=chunk)
+        merge_task_vectors(
+            flat_base[span],
+            dropped,
+            weight,
+            normalize=normalize,
+            lambda_=lambda_,
+            sign_consensus=sign_consensus,
+            out=merged[span],
+        )
+    return merged.view(base.shape)
 
 
 @merge_method(
@@ -34,6 +95,7 @@ def _drop(deltas: torch.Tensor, density: torch.Tensor, rescale: bool, generator:
     inputs="deltas",
     needs_base=True,
     random=True,
+    precompute=dare_draws,
 )
 def dare_ties(
     base: torch.Tensor,
@@ -47,10 +109,22 @@ def dare_ties(
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
     generator: torch.Generator,
     out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099) with TIES sign election."""
-    dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
+    return _dare(
+        base,
+        deltas,
+        weight,
+        density,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        sign_consensus=True,
+        generator=generator,
+        draws=precomputed,
+        out=out,
+    )
 
 
 @merge_method(
@@ -60,6 +134,7 @@ def dare_ties(
     inputs="deltas",
     needs_base=True,
     random=True,
+    precompute=dare_draws,
 )
 def dare_linear(
     base: torch.Tensor,
@@ -72,9 +147,19 @@ def dare_linear(
     lambda_: float,
     generator: torch.Generator,
     out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DARE, Language models are Super Mario (Yu et al. 2023, https://arxiv.org/abs/2311.03099)."""
-    dropped = _drop(deltas, density, rescale, generator)
-    return merge_task_vectors(
-        base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out
+    return _dare(
+        base,
+        deltas,
+        weight,
+        density,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        sign_consensus=False,
+        generator=generator,
+        draws=precomputed,
+        out=out,
     )

@@ -113,7 +113,10 @@ class MergeMethod:
     inputs alone, whatever its parameters (TIES: each task vector's magnitude ranks; slerp: the two
     norms and the dot product). A caller that merges the same resident inputs again and again (the
     in-place path) computes it once and passes it as ``precomputed=``; others pass nothing, and the
-    method works it out itself, possibly a cheaper way for a single use.
+    method works it out itself, possibly a cheaper way for a single use. A random method's precompute
+    also takes the tensor's ``generator`` (DARE: the draws themselves, which depend on the seed and not
+    on the densities), so a caller keeps its result per seed; it may return None where keeping nothing
+    is the better deal, and the method then draws per call.
     """
 
     name: str
@@ -125,7 +128,7 @@ class MergeMethod:
     reference: str
     min_models: int = 1
     max_models: int | None = None
-    precompute: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
+    precompute: Callable[..., torch.Tensor | None] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -151,7 +154,7 @@ def merge_method(
     random: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
-    precompute: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None,
+    precompute: Callable[..., torch.Tensor | None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
 

@@ -16,11 +16,12 @@ from evomerge.methods.registry import (
 from evomerge.methods.sparsify import magnitude, magnitude_kept, magnitude_rank
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
-# With ranks known (the in-place path), trimming is one comparison per entry and the whole merge is
-# elementwise, so it runs a chunk at a time: its dozen temporaries are then blocks the allocator reuses
+# With ranks known (the in-place path), trimming is elementwise (rank < kept) and so is the whole merge,
+# so it runs a chunk at a time: its dozen temporaries are then blocks the allocator reuses
 # (and the cache holds) rather than tensor-sized fresh mappings, whose page faults cost more than the
-# arithmetic. 2**18 entries keeps each block around a megabyte.
-_CHUNK = 1 << 18
+# arithmetic. 2**17 entries (half a megabyte of float32) measured fastest on the merge bench: 0.42 s
+# per candidate against 0.48 s at 2**18 and 0.64 s at 2**16.
+_CHUNK = 1 << 17
 
 
 def magnitude_ranks(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -78,8 +79,9 @@ def _ties_by_rank(
     limits = torch.tensor(kept, dtype=torch.int32, device=base.device)[:, None]
     for start in range(0, flat_base.numel(), _CHUNK):
         span = slice(start, start + _CHUNK)
-        # A float mask: torch multiplies by a bool tensor several times slower than by a float one on CPU.
-        trimmed = flat_deltas[:, span] * (flat_ranks[:, span] < limits).to(deltas.dtype)
+        # rank < kept as 1/0 by integer arithmetic, then a float mask: on CPU torch compares, and turns
+        # bools into floats, several times slower than it subtracts, clamps and converts integers.
+        trimmed = torch.sub(limits, flat_ranks[:, span]).clamp_(0, 1).to(deltas.dtype).mul_(flat_deltas[:, span])
         merge_task_vectors(
             flat_base[span],
             trimmed,
