@@ -20,7 +20,7 @@ from evomerge.io.atomic import atomic_folder, refuse_existing
 from evomerge.io.checkpoint import layer_index
 from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.dataflow import open_sources
-from evomerge.materialize.model_card import RECIPE_NAME
+from evomerge.materialize.model_card import RECIPE_NAME, card_tail
 from evomerge.materialize.to_disk import DTYPES
 from evomerge.recipe.dataflow import DataFlowRecipe, to_passthrough
 
@@ -122,11 +122,6 @@ def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthr
             "(lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`).",
             "",
         ]
-    if scores:
-        lines += ["## Scores that chose it", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
-        lines.append("")
-    lines += ["## Recipe (evomerge)", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
-    if passthrough is not None:
-        lines += ["## The same stack for mergekit (passthrough)", "", "```yaml", passthrough.rstrip(), "```", ""]
+    mergekit = None if passthrough is None else ("## The same stack for mergekit (passthrough)", passthrough)
+    lines += card_tail(scores, recipe.to_yaml(), mergekit)
     return "\n".join(lines)

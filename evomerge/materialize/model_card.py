@@ -30,10 +30,20 @@ def write_recipe_files(*, folder: Path, recipe: Recipe, scores: dict[str, float]
         *[f"- `{path}`" for path in ([recipe.base] if recipe.base else []) + recipe.model_paths],
         "",
     ]
+    lines += card_tail(scores, recipe_yaml, ("## The same merge for mergekit", mergekit_yaml))
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+def card_tail(scores: dict[str, float] | None, recipe_yaml: str, mergekit: tuple[str, str] | None) -> list[str]:
+    """A model card's closing sections: the scores that chose the model, its evomerge recipe, and
+    (``mergekit`` = heading, YAML) the same model for mergekit where it can express it."""
+    lines = []
     if scores:
         lines += ["## Scores that chose it", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
         lines.append("")
     lines += ["## Recipe (evomerge)", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
-    lines += ["## The same merge for mergekit", "", "```yaml", mergekit_yaml.rstrip(), "```", ""]
-    (folder / "README.md").write_text("\n".join(lines))
+    if mergekit is not None:
+        heading, mergekit_yaml = mergekit
+        lines += [heading, "", "```yaml", mergekit_yaml.rstrip(), "```", ""]
+    return lines
