@@ -153,29 +153,75 @@ def test_writes_into_out_exactly_what_it_returns(name: str, dtype: torch.dtype) 
         assert torch.equal(out, fresh)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if get_method(n).precompute is not None])
+PRECOMPUTING = [n for n in ALL if get_method(n).precompute is not None]
+FUSED = ["ties", "dare_ties"]  # the methods whose in-place path runs compiled kernels (methods/fused.py)
+
+
+@pytest.mark.parametrize(
+    ("name", "compiled"), [(n, False) for n in PRECOMPUTING] + [(n, True) for n in FUSED], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_precomputed_gives_the_same_merge(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precomputed_gives_the_same_merge(
+    name: str, compiled: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a method precomputes from its inputs (kept by the in-place path across candidates) changes
     no number, also where the trim's cut falls among equal magnitudes (a quarter of the task-vector
-    entries are exactly 0.25, the cut at density 0.1 lands inside them; bf16 adds ties of its own)."""
+    entries are exactly 0.25, the cut at density 0.1 lands inside them; bf16 adds ties of its own) or
+    among zeros (a quarter of the last task vector; density 0.9). ``compiled``: tensors this small run
+    the torch.compile'd kernels too, which must give the eager numbers bit for bit."""
+    from evomerge.methods import fused
+
     method = get_method(name)
-    # TIES (given ranks) and DARE (given draws) merge a chunk at a time: chunks of 100 entries put
+    # DARE given its draws merges a chunk at a time when not compiled: chunks of 100 entries put
     # boundaries inside the tensor.
-    monkeypatch.setattr("evomerge.methods.ties._CHUNK", 100)
     monkeypatch.setattr("evomerge.methods.dare._CHUNK", 100)
+    monkeypatch.setattr(fused, "MIN_ENTRIES", 0 if compiled else 1 << 40)
     generator = torch.Generator().manual_seed(8)
     base = (torch.randint(-8, 8, (16, 32), generator=generator) / 8).to(dtype)  # + 0.25 is exact
     models = (base + 0.1 * torch.randn(model_counts(method)[-1], 16, 32, generator=generator)).to(dtype)
     models[:, :4] = base[:4] + 0.25
+    models[-1, 8:12] = base[8:12]
     # A random method's precompute draws from the generator the method would draw from (call's seed 0).
     extra = {"generator": torch.Generator().manual_seed(0)} if method.random else {}
     precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models, **extra)
     for density in (0.1, 0.5, 0.9):
-        overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
-        plain = call(name, base, models, **overrides)
-        cached = call(name, base, models, **overrides, precomputed=precomputed)
-        assert torch.equal(plain, cached)
+        for normalize in (True, False):
+            overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
+            overrides |= {"normalize": normalize} if any(p.name == "normalize" for p in method.params) else {}
+            plain = call(name, base, models, **overrides)
+            cached = call(name, base, models, **overrides, precomputed=precomputed)
+            assert torch.equal(plain, cached), (density, normalize)
+    assert not fused._broken
+    assert bool(fused._compiled) or not compiled
+
+
+def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A machine where torch.compile fails (no C++ compiler, say) merges with the same functions run
+    eagerly: a warning, the same numbers, and no further attempt."""
+    from evomerge.methods import fused
+
+    def broken_compile(fn, **options):
+        def raises(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return raises
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused, "MIN_ENTRIES", 0)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_eager", {})
+    monkeypatch.setattr(fused, "_broken", [])
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 16, generator=generator)
+    models = base + 0.1 * torch.randn(2, 8, 16, generator=generator)
+    order = get_method("ties").precompute(base, models - base)
+    with caplog.at_level("WARNING", logger="evomerge.methods.fused"):
+        merged = call("ties", base, models, density=0.5, precomputed=order)
+        again = call("ties", base, models, density=0.7, precomputed=order)
+    assert torch.equal(merged, call("ties", base, models, density=0.5))
+    assert torch.equal(again, call("ties", base, models, density=0.7))
+    assert fused._broken == ["RuntimeError: no C++ compiler"]
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("name", ALL)

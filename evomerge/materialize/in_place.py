@@ -2,7 +2,7 @@
 
 Sources stay resident on the model's device in the form the method reads (task vectors are computed
 once, here, not per candidate), and so does what a method declares it derives from its inputs alone
-(its ``precompute``: TIES' magnitude ranks, slerp's norms, DARE's draws for the recipe's seed),
+(its ``precompute``: TIES' sorted magnitudes, slerp's norms, DARE's draws for the recipe's seed),
 computed the first time a candidate uses that method (and seed). Each candidate costs one method call
 per tensor, written straight into the parameter, with temporaries the size of one tensor, never a
 second model.
@@ -42,7 +42,7 @@ class InPlaceMerger:
         self._resident: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # (precompute function, seed for a random method) -> tensor name -> its result; a search changes
         # parameters, rarely methods or seeds. Only the latest seed's draws are kept (see _precomputed_for).
-        self._precomputed: dict[tuple[object, int | None], dict[str, torch.Tensor | None]] = {}
+        self._precomputed: dict[tuple[object, int | None], dict[str, object]] = {}
         with torch.no_grad():
             for name in self._targets:
                 self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
@@ -67,7 +67,7 @@ class InPlaceMerger:
                 else:
                     target.copy_(method.fn(base, stacked, **kwargs))
 
-    def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, torch.Tensor | None]:
+    def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, object]:
         """The results of ``method.precompute`` kept for ``recipe``; a random method's are the draws of
         one seed, as large as the sources: a new seed replaces them instead of adding to them."""
         key = (method.precompute, recipe.seed if method.random else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.methods import fused
 from evomerge.methods.registry import (
     DENSITY,
     INT8_MASK,
@@ -14,7 +15,7 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import bernoulli_words, draws_words, random_drop
+from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
@@ -52,6 +53,8 @@ def _dare(
     elementwise, so the merge runs a chunk at a time (as TIES does with its ranks, and for the same
     reason: small temporaries)."""
     keeps = density.tolist()
+    # Draws kept across calls mean a caller merging again and again (the in-place path): worth compiling for.
+    resident = draws is not None
     if draws is None and draws_words(deltas):
         # Drawn live, the same words up front (one row per model that drops, in order), so the merge
         # can run in chunks here too.
@@ -68,6 +71,11 @@ def _dare(
     # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
     rows = iter(draws.reshape(draws.shape[0], flat_base.numel()))
     words = [next(rows) if keep < 1 else None for keep in keeps]
+    fusable = resident and sign_consensus and draw_dtype(deltas) == deltas.dtype and draws.shape[0] > 0
+    if fusable and fused.worth_fusing(base):
+        return _dare_ties_fused(
+            base, deltas, words, keeps, weight, normalize=normalize, rescale=rescale, lambda_=lambda_, out=out
+        )
     merged = torch.empty_like(flat_base) if out is None else out.view(-1)
     block = torch.empty(count, min(_CHUNK, flat_base.numel()), dtype=deltas.dtype, device=deltas.device)
     for start in range(0, flat_base.numel(), _CHUNK):
@@ -86,6 +94,44 @@ def _dare(
             out=merged[span],
         )
     return merged.view(base.shape)
+
+
+def _dare_ties_fused(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    words: list[torch.Tensor | None],
+    keeps: list[float],
+    weight: torch.Tensor,
+    *,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """DARE-TIES in one compiled pass (see fused.py), given the words ``bernoulli`` compares: each
+    probability rounded to the deltas' dtype as ``random_drop`` rounds it, its cut ``ceil(p * 2**24)``;
+    a model kept whole keeps every word (cut 2**24) and divides by 1 (exact), so it is copied as live."""
+    probabilities = torch.tensor([min(keep, 1.0) for keep in keeps], dtype=deltas.dtype, device=deltas.device)
+    cuts = probabilities.float().mul(WORD_RANGE).ceil_()
+    # random_drop divides by the probability clamped to the smallest normal number (see _draw_and_mask).
+    probabilities.clamp_(min=torch.finfo(deltas.dtype).tiny)
+    spare = next(row for row in words if row is not None)
+    rows = [(spare if row is None else row).view(base.shape) for row in words]
+    out = torch.empty_like(base) if out is None else out
+    weights = weight.to(deltas.dtype)
+    return fused.ties_by_words(
+        out,
+        base,
+        deltas,
+        rows,
+        cuts,
+        probabilities,
+        weights,
+        lambda_,
+        normalize=normalize,
+        rescale=rescale,
+        compiled=True,
+    )
 
 
 @merge_method(

@@ -110,7 +110,7 @@ class MergeMethod:
     mapping from the OS, whose page faults cost more than the merge itself.
 
     ``precompute(base, inputs)``, when a method declares one, derives what the method needs from its
-    inputs alone, whatever its parameters (TIES: each task vector's magnitude ranks; slerp: the two
+    inputs alone, whatever its parameters (TIES: each task vector's magnitudes in sorted order; slerp: the two
     norms and the dot product). A caller that merges the same resident inputs again and again (the
     in-place path) computes it once and passes it as ``precomputed=``; others pass nothing, and the
     method works it out itself, possibly a cheaper way for a single use. A random method's precompute
@@ -128,7 +128,7 @@ class MergeMethod:
     reference: str
     min_models: int = 1
     max_models: int | None = None
-    precompute: Callable[..., torch.Tensor | None] | None = None
+    precompute: Callable[..., object] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -154,7 +154,7 @@ def merge_method(
     random: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
-    precompute: Callable[..., torch.Tensor | None] | None = None,
+    precompute: Callable[..., object] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
 

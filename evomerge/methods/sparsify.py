@@ -23,6 +23,8 @@ from evomerge.errors import EvomergeError
 
 # mergekit's threshold below which an L1 norm counts as zero and the masked vector is left unscaled.
 _RESCALE_EPS = 1e-7
+# torch's CPU Bernoulli compares the low 24 bits of one Mersenne Twister word per entry (see ``bernoulli``).
+WORD_RANGE = 1 << 24
 
 
 def rescale_l1_(pruned: torch.Tensor, original: torch.Tensor) -> None:
@@ -34,14 +36,8 @@ def rescale_l1_(pruned: torch.Tensor, original: torch.Tensor) -> None:
     pruned.mul_(torch.where(degenerate, 1.0, before / after))
 
 
-def magnitude(
-    delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale: bool, rank: torch.Tensor | None = None
-) -> None:
-    """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES' trim step).
-
-    ``rank`` (from ``magnitude_rank``, when the caller keeps one per resident task vector) makes the
-    trim one comparison per entry instead of a selection over the whole tensor.
-    """
+def magnitude(delta: torch.Tensor, density: float, out: torch.Tensor, *, rescale: bool) -> None:
+    """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES' trim step)."""
     if density >= 1:
         out.copy_(delta)
         return
@@ -49,7 +45,7 @@ def magnitude(
         out.zero_()
         return
     kept = magnitude_kept(density, delta.numel())
-    keep = rank < kept if rank is not None else _largest(_sort_key(delta), kept).view(delta.shape)
+    keep = _largest(sort_key(delta), kept).view(delta.shape)
     # A float mask: torch multiplies by a bool tensor several times slower than by a float one on CPU.
     torch.mul(delta, keep.to(delta.dtype), out=out)
     if rescale:
@@ -59,16 +55,6 @@ def magnitude(
 def magnitude_kept(density: float, numel: int) -> int:
     """How many entries ``magnitude`` keeps at ``density`` (mergekit's rule: at least one)."""
     return numel if density >= 1 else max(1, int(density * numel))
-
-
-def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
-    """Each entry's position (int32, shaped like ``delta``) in the descending magnitude order that
-    ``magnitude`` keeps a prefix of: ``rank < k`` marks the same ``k`` entries for every ``k``."""
-    order = torch.argsort(_sort_key(delta), descending=True)
-    rank = torch.empty(delta.numel(), dtype=torch.int32, device=delta.device)
-    # The inverse permutation of the sort order is each entry's rank.
-    rank[order] = torch.arange(delta.numel(), dtype=torch.int32, device=delta.device)
-    return rank.view(delta.shape)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor, *, rescale: bool) -> None:
@@ -82,7 +68,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, out: t
     kept = int(density * count)
     dropped_top = int(gamma * count)
     dropped_bottom = max(0, count - kept - dropped_top)
-    order = torch.argsort(_sort_key(delta))
+    order = torch.argsort(sort_key(delta))
     _keep_only(delta, order[dropped_bottom : dropped_bottom + kept], out)
     if rescale:
         rescale_l1_(out, delta)
@@ -105,7 +91,7 @@ def random_drop(
     if density >= 1:
         out.copy_(delta)
         return
-    keep_probability = torch.full((), density, dtype=_draw_dtype(delta), device=delta.device)
+    keep_probability = torch.full((), density, dtype=draw_dtype(delta), device=delta.device)
     _draw_and_mask(delta, keep_probability, out, rescale=rescale, generator=generator, words=words)
 
 
@@ -137,7 +123,7 @@ def della_magprune(
             f"della: density {density:g} with epsilon {epsilon:g} gives keep probabilities outside (0, 1)",
             "choose epsilon < min(density, 1 - density), e.g. a smaller epsilon",
         )
-    work = _draw_dtype(delta)
+    work = draw_dtype(delta)
     rows = delta if delta.ndim >= 2 else delta.reshape(1, -1)
     width = rows.shape[1]
     if width == 1:
@@ -208,7 +194,7 @@ def bernoulli(
         if not draws_words(probability):
             return torch.bernoulli(probability.expand(shape), generator=generator)
         words = bernoulli_words(shape, generator)
-    cut = probability.float().mul(1 << 24).ceil_()
+    cut = probability.float().mul(WORD_RANGE).ceil_()
     return torch.rsub(words, cut).clamp_(0, 1).to(probability.dtype)
 
 
@@ -221,7 +207,7 @@ def draws_words(probability: torch.Tensor) -> bool:
 def bernoulli_words(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     """The 24-bit words (float32) ``bernoulli`` compares with its probabilities, one per entry; a
     ``[N, *shape]`` draw is N consecutive draws of ``shape``, row by row."""
-    return torch.randint(0, 1 << 24, shape, generator=generator, dtype=torch.float32)
+    return torch.randint(0, WORD_RANGE, shape, generator=generator, dtype=torch.float32)
 
 
 def _keep_only(delta: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
@@ -269,7 +255,7 @@ def kth_largest(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
 
 
-def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+def sort_key(delta: torch.Tensor) -> torch.Tensor:
     """Flat magnitudes to sort. mergekit sorts a float32 copy on CPU; the upcast is exact for 16-bit
     floats, and sorting the same values with the same kernel breaks magnitude ties the same way."""
     key = delta.abs().reshape(-1)
@@ -278,7 +264,7 @@ def _sort_key(delta: torch.Tensor) -> torch.Tensor:
     return key
 
 
-def _draw_dtype(delta: torch.Tensor) -> torch.dtype:
+def draw_dtype(delta: torch.Tensor) -> torch.dtype:
     """The dtype of keep probabilities and masks: the input's, except float16 on CPU, where torch has
     no Bernoulli kernel and mergekit draws in float32."""
     if delta.device.type == "cpu" and delta.dtype == torch.float16:

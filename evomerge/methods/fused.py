@@ -1,0 +1,153 @@
+"""TIES' sign-consensus merge as one compiled elementwise kernel, for the in-place path's large tensors.
+
+Once the trim (TIES) or the drop (DARE) is known per entry, the rest of the merge is elementwise: mask,
+weight, elect a sign, keep the agreeing entries, divide by their weights, scale, add to the base. Eager
+torch runs each of those ~30 steps as its own pass over memory; ``torch.compile`` (inductor: C++ with
+SIMD on CPU, Triton on CUDA) fuses them into one loop that reads each source entry once and writes the
+result once, as a plain weighted sum does. On the merge bench that is 1.5x the bandwidth floor instead
+of 8x (results/bench_merge.md).
+
+The kernels compute what the eager methods compute, step for step and in the same order, and inductor
+is told to round every intermediate to the working dtype as eager does (``emulate_precision_casts``,
+which also keeps Triton from fusing multiply-adds; its C++ keeps ``-ffp-contract=off``), so the results
+are the eager methods' bit for bit (tests/test_fused.py): a merge written in place equals the same
+recipe merged to disk.
+
+Compiling costs seconds once per process and per (model count, dtype, options): the in-place path pays
+it on its first candidate and a search amortises it over hundreds. Where compiling fails (no C++
+compiler, an unsupported device) the same functions run eagerly, slower and with the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Below this many entries a tensor is merged by the eager methods: a compiled call's fixed cost (guards,
+# launch; ~0.3 ms on CPU) is then more than the passes it saves.
+MIN_ENTRIES = 1 << 15
+
+# Model counts, dtypes and options compile once each; shapes are dynamic, so tensors of every size share one kernel.
+_OPTIONS = {"emulate_precision_casts": True}
+_compiled: dict[Callable, Callable] = {}  # eager function -> compiled
+_eager: dict[Callable, Callable] = {}  # compiled -> eager function
+_broken: list[str] = []  # why compiling failed, once it has: every later call runs eagerly
+
+
+def worth_fusing(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is large enough for the compiled kernels to pay; smaller ones run the same
+    functions eagerly (``compiled=False``)."""
+    return tensor.numel() >= MIN_ENTRIES
+
+
+def ties_by_threshold(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    thresholds: torch.Tensor,
+    weights: torch.Tensor,
+    lambda_: float,
+    *,
+    normalize: bool,
+    compiled: bool,
+) -> torch.Tensor:
+    """TIES without rescaling: model i keeps its entries with ``|delta| >= thresholds[i]``.
+
+    ``thresholds`` and ``weights`` in the deltas' dtype. Where a trim's cut splits equal magnitudes the
+    caller passes the next float above them, keeping none of them, and merges those entries itself.
+    """
+    kernel = _compile(_ties_by_threshold) if compiled else _ties_by_threshold
+    _run(kernel, *_flat(out, base, deltas), thresholds, weights, lambda_, normalize=normalize)
+    return out
+
+
+def ties_by_words(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    words: list[torch.Tensor],
+    cuts: torch.Tensor,
+    probabilities: torch.Tensor,
+    weights: torch.Tensor,
+    lambda_: float,
+    *,
+    normalize: bool,
+    rescale: bool,
+    compiled: bool,
+) -> torch.Tensor:
+    """DARE-TIES given the draws: model i keeps its entries with ``words[i] < cuts[i]`` (the mask
+    ``sparsify.bernoulli`` draws from the same words), divided by ``probabilities[i]`` when
+    ``rescale``. ``words`` and ``cuts`` float32 (24-bit integers), the rest in the deltas' dtype."""
+    kernel = _compile(_ties_by_words) if compiled else _ties_by_words
+    flat_words = [row.reshape(-1) for row in words]
+    arguments = (flat_words, cuts, probabilities, weights, lambda_)
+    _run(kernel, *_flat(out, base, deltas), *arguments, normalize=normalize, rescale=rescale)
+    return out
+
+
+def _flat(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """1-D views: one compiled graph serves every tensor shape (a 2-D one specialises on e.g. square matrices)."""
+    return out.view(-1), base.reshape(-1), deltas.reshape(len(deltas), -1)
+
+
+def _ties_by_threshold(out, base, deltas, thresholds, weights, lambda_, *, normalize):
+    weighted = [
+        torch.where(delta.abs() >= limit, delta * w, 0.0)
+        for delta, limit, w in zip(deltas, thresholds, weights, strict=True)
+    ]
+    return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
+
+
+def _ties_by_words(out, base, deltas, words, cuts, probabilities, weights, lambda_, *, normalize, rescale):
+    weighted = []
+    for delta, word, cut, p, w in zip(deltas, words, cuts, probabilities, weights, strict=True):
+        kept = delta / p if rescale else delta
+        weighted.append(torch.where(word < cut, kept, 0.0) * w)
+    return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
+
+
+def _agreeing_sum(out, base, weighted, weights, lambda_, *, normalize):
+    """``merge_task_vectors``' sign-consensus branch on already weighted task vectors, in its order of
+    operations: sum left to right, +1 where the sum is >= 0, agreeing entries summed left to right,
+    divided by their summed weights (1 where none agreed), times lambda, plus the base."""
+    total = weighted[0]
+    for more in weighted[1:]:
+        total = total + more
+    positive = total >= 0
+    mixed = divisor = None
+    for entry, w in zip(weighted, weights, strict=True):
+        agrees = torch.where(positive, entry > 0, entry < 0)
+        part = torch.where(agrees, entry, 0.0)
+        mixed = part if mixed is None else mixed + part
+        if normalize:
+            share = torch.where(agrees, w, 0.0)
+            divisor = share if divisor is None else divisor + share
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    out.copy_(mixed * lambda_ + base)
+    return out
+
+
+def _compile(fn: Callable) -> Callable:
+    """``fn`` compiled (once per process), or ``fn`` itself once compiling has failed."""
+    if _broken:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
+        _eager[_compiled[fn]] = fn
+    return _compiled[fn]
+
+
+def _run(kernel: Callable, *args, **options) -> torch.Tensor:
+    if kernel not in _eager:
+        return kernel(*args, **options)
+    try:
+        return kernel(*args, **options)
+    except Exception as error:  # noqa: BLE001 - any compiler failure leaves the eager function: same numbers
+        _broken.append(f"{type(error).__name__}: {error}")
+        log.warning("torch.compile failed; merging with eager kernels from now on (slower): %s", _broken[0])
+    return _eager[kernel](*args, **options)
