@@ -37,6 +37,17 @@ def test_toy_preset_gives_each_layer_and_tensor_kind_its_own_weight(toy_world: T
     assert weight.at("model.embed_tokens.weight", 0.0) == pytest.approx(10 * step)
 
 
+@pytest.mark.parametrize("order", ["preset first", "method first"])
+def test_a_method_on_the_command_line_replaces_the_presets(order: str):
+    """`preset=toy method=ties` searches TIES: the preset's method is a default, not a value set after the choice."""
+    register_configs()
+    overrides = ["preset=toy", "method=ties"] if order == "preset first" else ["method=ties", "preset=toy"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        assert compose("config", overrides=overrides).method.name == "ties"
+        assert compose("config", overrides=["preset=toy"]).method.name == "task_arithmetic"
+    assert composed("method=ties").method.name == "ties"  # mistral_ja_math's default is dare_ties
+
+
 def test_mistral_ja_math_composes_into_a_per_layer_ray_search_that_passes_the_checks():
     cfg = composed()
     check_config(cfg)
