@@ -163,8 +163,8 @@ def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeat
     merger = InPlaceMerger(model=model, template=recipe)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Warm-up: the first call faults the parameters' pages in and computes what the method declares
-    # as its precompute (TIES' magnitude ranks: one sort per task vector), once per search.
+    # Warm-up: the first call faults the parameters' pages in, computes what the method declares as its
+    # precompute (TIES: one sort per task vector) and compiles the fused kernels (TIES, DARE-TIES), once per search.
     first = timings(lambda: merger.materialize(recipe), repeats=1, device=device)[0]
     kept = sum(t.nbytes for known in merger._precomputed.values() for t in known.values() if t is not None)
     seconds = statistics.median(timings(lambda: merger.materialize(recipe), repeats=repeats, device=device))
@@ -391,8 +391,8 @@ def main() -> None:
         "- (a): one fused `add` (2 inputs) or `addcmul` (3 inputs) per tensor over sources resident on the device, "
         "N reads + 1 write per entry: the least any merge moves. (b): `InPlaceMerger.materialize` into a loaded "
         f"model, sources resident, median of {args.repeats} after a warm-up (the first call, which also computes what "
-        "the method declares as its precompute, is timed apart, with the memory that precompute keeps on the device "
-        "beside the resident sources); one more call runs under torch.profiler "
+        "the method declares as its precompute and compiles TIES' and DARE-TIES' fused kernels, is timed apart, with "
+        "the memory that precompute keeps on the device beside the resident sources); one more call runs under torch.profiler "
         f"and names the ops below. (a) is the fastest of {args.repeats} after a warm-up.",
         f"- (c): `{shlex.join(['evomerge', 'merge', 'RECIPE', 'OUT', *tools['evomerge_flags']])}`. (d): "
         f"`{shlex.join(['mergekit-yaml', 'CONFIG', 'OUT', *tools['mergekit_flags']])}` ({mergekit or 'not found'}) "

@@ -42,17 +42,32 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> int:
+    """At most what the merge method keeps beside the sources to merge each candidate fast (its
+    ``precompute``: TIES' sorted magnitudes and sort orders, DARE's draws on CPU), for every expert."""
+    if isinstance(template, DataFlowRecipe):
+        return 0
+    method = validate(template)
+    reference = MergeSources.open(template, method).reference
+    elements = sum(math.prod(reference.shape(name)) for name in reference.names)
+    return len(template.models) * elements * method.precompute_bytes(device, DTYPES[dtype])
+
+
 def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:
     """Refuse to load sources that would not fit ``device`` (activations come on top of this bound)."""
-    needed, copies = resident_bytes(template, dtype)
+    resident, copies = resident_bytes(template, dtype)
+    kept = precompute_bytes(template, device=device, dtype=dtype)
+    needed = resident + kept
     available = free_bytes(device)
     if needed <= available:
         return
+    what = f"{copies} copies of the model in {dtype}"
+    if kept:
+        what += f", and up to {kept / 2**30:.2f} GiB that {template.method} keeps to merge each candidate fast"
     smaller = "use dtype=bfloat16 (half of float32), " if dtype == "float32" else ""
     raise EvomergeError(
-        f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {copies} copies of the model "
-        f"in {dtype}) but only {available:,} bytes "
-        f"({available / 2**30:.2f} GiB) are free there",
-        f"{smaller}merge fewer models, or run on a device with more free memory (a bigger GPU; "
-        "with executor=ray each worker gets a GPU of its own)",
+        f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {what}) but only {available:,} "
+        f"bytes ({available / 2**30:.2f} GiB) are free there",
+        f"{smaller}merge fewer models{', or use task_arithmetic (keeps nothing extra)' if kept else ''}, or run on a "
+        "device with more free memory (a bigger GPU; with executor=ray each worker gets a GPU of its own)",
     )

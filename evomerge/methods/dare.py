@@ -15,7 +15,7 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop
+from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop, words_drawn
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
@@ -33,6 +33,11 @@ def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Gen
     (on a GPU, in float64): those draw per call.
     """
     return bernoulli_words(deltas.shape, generator) if draws_words(deltas) else None
+
+
+def dare_draws_bytes(device: torch.device, dtype: torch.dtype) -> int:
+    """What ``dare_draws`` keeps per entry of each model: a float32 word where it keeps draws at all."""
+    return 4 if words_drawn(device, dtype) else 0
 
 
 def _dare(
@@ -142,6 +147,7 @@ def _dare_ties_fused(
     needs_base=True,
     random=True,
     precompute=dare_draws,
+    precompute_bytes=dare_draws_bytes,
 )
 def dare_ties(
     base: torch.Tensor,
@@ -181,6 +187,7 @@ def dare_ties(
     needs_base=True,
     random=True,
     precompute=dare_draws,
+    precompute_bytes=dare_draws_bytes,
 )
 def dare_linear(
     base: torch.Tensor,

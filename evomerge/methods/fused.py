@@ -10,7 +10,7 @@ of 8x (results/bench_merge.md).
 The kernels compute what the eager methods compute, step for step and in the same order, and inductor
 is told to round every intermediate to the working dtype as eager does (``emulate_precision_casts``,
 which also keeps Triton from fusing multiply-adds; its C++ keeps ``-ffp-contract=off``), so the results
-are the eager methods' bit for bit (tests/test_fused.py): a merge written in place equals the same
+are the eager methods' bit for bit (tests/test_methods.py, test_precomputed_gives_the_same_merge): a merge written in place equals the same
 recipe merged to disk.
 
 Compiling costs seconds once per process and per (model count, dtype, options): the in-place path pays
@@ -27,8 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Below this many entries a tensor is merged by the eager methods: a compiled call's fixed cost (guards,
-# launch; ~0.3 ms on CPU) is then more than the passes it saves.
+# Below this many entries a tensor is merged eagerly: a compiled call's fixed cost (guards, wrappers; 0.1-0.3 ms
+# on CPU) is then about what the passes it saves cost.
 MIN_ENTRIES = 1 << 15
 
 # Model counts, dtypes and options compile once each; shapes are dynamic, so tensors of every size share one kernel.

@@ -201,7 +201,11 @@ def bernoulli(
 def draws_words(probability: torch.Tensor) -> bool:
     """Whether ``bernoulli`` draws as ``bernoulli_words`` for these probabilities, or for the
     probabilities of these task vectors (on CPU, in any dtype but float64)."""
-    return probability.device.type == "cpu" and probability.dtype != torch.float64
+    return words_drawn(probability.device, probability.dtype)
+
+
+def words_drawn(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype != torch.float64
 
 
 def bernoulli_words(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:

@@ -56,13 +56,21 @@ class MagnitudeOrder:
             # The run's entries sit at descending positions [count - hi, count - lo); those before k stay.
             hi = int(torch.searchsorted(self.ascending[i], pairs[i, :1], right=True))
             runs.append(self.order[i, count - hi : k].long())
-            thresholds[i] = torch.nextafter(thresholds[i], torch.tensor(torch.inf, dtype=deltas.dtype))
+            thresholds[i] = torch.nextafter(thresholds[i], torch.full_like(thresholds[i], torch.inf))
         return thresholds, runs
 
 
 def magnitude_order(base: torch.Tensor, deltas: torch.Tensor) -> MagnitudeOrder:
     """The in-place path's precompute: each task vector's magnitudes sorted, once per resident tensor."""
     return MagnitudeOrder(ascending=torch.stack([sort_key(delta).sort().values for delta in deltas]))
+
+
+def magnitude_order_bytes(device: torch.device, dtype: torch.dtype) -> int:
+    """What ``magnitude_order`` keeps per entry of each task vector, at most: the sort key (float32 on
+    CPU for 16-bit dtypes) and the int32 sort order, which tensors whose cut splits equal magnitudes
+    add (in 16-bit dtypes, most of them)."""
+    key = 4 if device.type == "cpu" and dtype.itemsize == 2 else dtype.itemsize
+    return key + 4
 
 
 @merge_method(
@@ -72,6 +80,7 @@ def magnitude_order(base: torch.Tensor, deltas: torch.Tensor) -> MagnitudeOrder:
     inputs="deltas",
     needs_base=True,
     precompute=magnitude_order,
+    precompute_bytes=magnitude_order_bytes,
 )
 def ties(
     base: torch.Tensor,

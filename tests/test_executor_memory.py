@@ -1,0 +1,53 @@
+"""A worker's memory check counts what the merge method keeps beside the sources, not the sources alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.executor.memory import check_sources_fit, precompute_bytes, resident_bytes
+from evomerge.recipe.recipe import Recipe
+
+# The tiny Llama's tensors hold 27,744 entries in all (tests/test_executor_ray.py works them out).
+ENTRIES = 27_744
+
+
+def recipe(toy_world, method: str) -> Recipe:
+    knobs = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.5}
+    experts = [{"model": str(toy_world.experts[name]), **knobs} for name in ("math", "lang")]
+    return Recipe.from_plain({"method": method, "base": str(toy_world.base), "models": experts, "dtype": "float32"})
+
+
+@pytest.mark.parametrize(
+    ("method", "device", "dtype", "per_entry"),
+    [
+        # TIES: a sorted copy of each task vector's magnitudes (float32 on CPU, where 16-bit ones are
+        # sorted as float32) and its int32 sort order.
+        ("ties", "cpu", "float32", 4 + 4),
+        ("ties", "cpu", "bfloat16", 4 + 4),
+        ("ties", "cuda", "bfloat16", 2 + 4),
+        # DARE keeps its draws (a float32 word per entry) on CPU only; on a GPU it draws per candidate.
+        ("dare_ties", "cpu", "bfloat16", 4),
+        ("dare_ties", "cuda", "bfloat16", 0),
+        ("task_arithmetic", "cpu", "float32", 0),
+    ],
+)
+def test_precompute_bytes_per_method_device_and_dtype(toy_world, method, device, dtype, per_entry):
+    template = recipe(toy_world, method)
+    assert precompute_bytes(template, device=torch.device(device), dtype=dtype) == 2 * ENTRIES * per_entry
+
+
+def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_is_refused(toy_world, monkeypatch):
+    template = recipe(toy_world, "ties")
+    sources, copies = resident_bytes(template, "float32")
+    assert (sources, copies) == (ENTRIES * 4 * 4, 4)  # working model, base, two task vectors
+    needed = sources + 2 * ENTRIES * 8
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
+    with pytest.raises(EvomergeError) as caught:
+        check_sources_fit(template, device=torch.device("cpu"), dtype="float32")
+    message = str(caught.value)
+    assert f"needs {needed:,} bytes" in message and "that ties keeps to merge each candidate fast" in message
+    assert "use task_arithmetic" in message
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed)
+    check_sources_fit(template, device=torch.device("cpu"), dtype="float32")
