@@ -12,6 +12,8 @@ Contract every backend keeps (tests/test_optimizers.py checks it for all of them
   Loading it into a freshly constructed optimizer of the same config continues with exactly the
   proposals an uninterrupted run would make. Called between `ask()` and `tell()`, it returns the state
   from before that `ask()`: a crash mid-generation resumes by asking the same generation again.
+  The dict returned between generations is kept (the next `ask()` reuses it instead of serializing the
+  backend again): treat it as read-only.
 * All randomness comes from the constructor's seed; no global random state is read or written.
 """
 
@@ -84,11 +86,15 @@ class Optimizer(abc.ABC):
         self._penalty = FailurePenalty(n_objectives=n_objectives)
         self._pending: list[Proposal] | None = None
         self._state_before_ask: dict[str, Any] | None = None
+        self._state_between: dict[str, Any] | None = None  # what state_dict() last returned, until a change
 
     def ask(self) -> list[Proposal]:
         if self._pending is not None:
             raise RuntimeError("ask() called twice: tell() the previous generation first")
-        self._state_before_ask = self.state_dict()
+        # The search loop asked for the state after the last tell to checkpoint it: reuse it rather than
+        # serialize the backend again while the workers wait for this generation.
+        self._state_before_ask = self._state_between or self.state_dict()
+        self._state_between = None
         self._pending = self._ask_generation()
         return list(self._pending)
 
@@ -113,17 +119,20 @@ class Optimizer(abc.ABC):
         self._tell_generation(self._pending, self._penalty.apply(values), failed)
         self._pending = None
         self._state_before_ask = None
+        self._state_between = None
 
     def state_dict(self) -> dict[str, Any]:
         if self._state_before_ask is not None:
             return copy.deepcopy(self._state_before_ask)
-        return {
-            "optimizer": type(self).__name__,
-            "space": self.space.dims,
-            "n_objectives": self.n_objectives,
-            "penalty": self._penalty.state_dict(),
-            "algorithm": self._algorithm_state(),
-        }
+        if self._state_between is None:
+            self._state_between = {
+                "optimizer": type(self).__name__,
+                "space": self.space.dims,
+                "n_objectives": self.n_objectives,
+                "penalty": self._penalty.state_dict(),
+                "algorithm": self._algorithm_state(),
+            }
+        return self._state_between
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         written_by = (state["optimizer"], tuple(state["space"]), state["n_objectives"])
@@ -138,6 +147,7 @@ class Optimizer(abc.ABC):
         self._load_algorithm_state(state["algorithm"])
         self._pending = None
         self._state_before_ask = None
+        self._state_between = None
 
     @abc.abstractmethod
     def _ask_generation(self) -> list[Proposal]: ...

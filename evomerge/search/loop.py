@@ -1,9 +1,10 @@
 """The search loop: ask a generation, score the new candidates, tell, checkpoint. Read top to bottom.
 
-Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state,
-the evaluation cache and the generation counter are saved together after each generation, and
-candidates scored after the last checkpoint (by a process that was killed) are asked again and
-take their logged scores instead of being evaluated twice.
+Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state and
+the generation counter are saved together after each generation (the evaluation cache is rebuilt
+from the rows of the log that the checkpoint counts), and candidates scored after the last
+checkpoint (by a process that was killed) are asked again and take their logged scores instead of
+being evaluated twice.
 
 The checkpoint is written (its fsyncs included) on a thread while the next generation runs, so the
 workers do not wait on the disk. A kill before it lands leaves the checkpoint before it: the resumed
@@ -17,7 +18,7 @@ import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,8 +58,10 @@ def run_search(
         state = SearchState(optimizer=optimizer.state_dict(), front=ParetoFront(n_objectives=len(objectives)))
     else:
         optimizer.load_state_dict(state.optimizer)
+    kept, dropped = run.truncate_evaluations(state.evaluations)
+    state.cache = {row["key"]: _cached(row) for row in kept if not row["cached"]}
     replay: dict[str, dict] = {}
-    for row in run.truncate_evaluations(state.evaluations):
+    for row in dropped:
         replay.setdefault(row["key"], row)  # the evaluated row; later rows with its key were cache hits
     progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
     saved: Future | None = None
@@ -94,7 +97,7 @@ def run_search(
             state.optimizer = optimizer.state_dict()
             if saved is not None:
                 saved.result()  # one write at a time, in generation order; its error surfaces here
-            saved = writer.submit(run.save_checkpoint, pickle.dumps(state))
+            saved = writer.submit(run.save_checkpoint, _checkpoint_bytes(state))
             progress.generation_done(state)
         if saved is not None:
             saved.result()
@@ -138,6 +141,16 @@ def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives
         _update_best(state, row, score)
         scores.append(score)
         state.evaluations += 1
+
+
+def _checkpoint_bytes(state: SearchState) -> bytes:
+    """The state pickled without its evaluation cache, which grows with the run and would be pickled
+    again every generation on the driver; a resume rebuilds it from the log's rows (`_cached`)."""
+    return pickle.dumps(replace(state, cache={}))
+
+
+def _cached(row: dict) -> tuple[tuple[float, ...], dict[str, float] | None, str | None]:
+    return _scores(row["scores"]), row["metrics"], row["error"]
 
 
 def _objective_scores(metrics: dict[str, float] | None, error: str | None, objectives: list[dict]) -> tuple[float, ...]:
