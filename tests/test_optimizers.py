@@ -305,12 +305,14 @@ def test_optuna_db_mirrors_the_study_and_survives_a_resume(tmp_path):
     run(optimizer, 2, score)
     checkpoint = pickle.dumps(optimizer.state_dict())
     run(optimizer, 1, score)  # optuna.db is now a generation ahead of the checkpoint
+    optimizer.close()  # the file is written on a thread: wait for it
     assert [t.number for t in stored_trials()] == list(range(30))
 
     resumed = make("nsga2", space=MIXED_SPACE, n_objectives=2, run_dir=tmp_path)
     resumed.load_state_dict(pickle.loads(checkpoint))
     proposals = resumed.ask()
     resumed.tell(proposals, score(proposals, shift=1.0))  # the rerun scores differently
+    resumed.close()
     trials = stored_trials()
     expected = resumed.state_dict()["algorithm"]["trials"]
     assert [t.values for t in trials] == [e["values"] for e in expected]

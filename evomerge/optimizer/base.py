@@ -20,6 +20,7 @@ Contract every backend keeps (tests/test_optimizers.py checks it for all of them
   The dict returned between generations is kept (the next `ask()` reuses it instead of serializing the
   backend again): treat it as read-only.
 * All randomness comes from the constructor's seed; no global random state is read or written.
+* `close()` at the end of a run waits for what a backend writes in the background (optuna.db).
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class Optimizer(abc.ABC):
         self._state_between = None
         failed = not np.isfinite(values).all()
         self._tell_one(self._in_flight.pop(proposal.id), self._penalty.apply(values)[0], failed)
+
+    def close(self) -> None:  # noqa: B027 - most backends run nothing in the background
+        """Finish what the backend does in the background (optuna: the last refresh of optuna.db)."""
 
     def in_flight(self) -> list[Proposal]:
         """The candidates asked by `ask_one()` and not told yet, in ask order."""

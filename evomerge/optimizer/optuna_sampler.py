@@ -16,6 +16,8 @@ import json
 import os
 import pickle
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,10 @@ class OptunaOptimizer(Optimizer):
             trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id(), number)
             self._storage.set_trial_user_attr(trial_id, "failed", True)
         self._study.tell(number, scores.tolist())
+
+    def close(self) -> None:
+        if self._study_file is not None:
+            self._study_file.wait()
 
     def _refresh_study_file(self) -> None:
         if self._study_file is not None:
@@ -208,12 +214,50 @@ class OptunaStudyFile:
     many trials it holds and their digest, so a refresh after a resume can tell whether the file is still
     a prefix of this run's history; when it is not (it ran ahead and the rerun scored differently) the
     study in it is rebuilt.
+
+    Those tens of milliseconds per trial would hold up every tell, and the workers waiting for the next
+    candidate with it, so refreshes run on a thread of their own: one asked while another is writing
+    is merged into the next write (the newest trials win). `wait()` returns once the file is current.
     """
 
     def __init__(self, *, path: Path) -> None:
         self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._lock = threading.Lock()
+        self._wanted: tuple[list[FrozenTrial], int] | None = None  # the newest trials not written yet
+        self._writing = False
+        self._written: Future | None = None
 
     def refresh(self, *, trials: list[FrozenTrial], n_objectives: int) -> None:
+        """Have the file hold ``trials`` (completed trials, which optuna no longer changes) soon."""
+        if self._written is not None and self._written.done():
+            self._written.result()  # a failed write surfaces here, on the search's thread
+        with self._lock:
+            self._wanted = (list(trials), n_objectives)
+            if self._writing:
+                return
+            self._writing = True
+        self._written = self._writer.submit(self._write_wanted)
+
+    def wait(self) -> None:
+        if self._written is not None:
+            self._written.result()
+
+    def _write_wanted(self) -> None:
+        while True:
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+                if wanted is None:
+                    self._writing = False
+                    return
+            try:
+                self._write(*wanted)
+            except BaseException:
+                with self._lock:
+                    self._writing = False
+                raise
+
+    def _write(self, trials: list[FrozenTrial], n_objectives: int) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
         partial.unlink(missing_ok=True)
         if self.path.exists():

@@ -180,6 +180,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 )
         finally:
             executor.close()
+        optimizer.close()
         write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
         return state
     finally:
