@@ -1,4 +1,5 @@
 """The search loop: ask a generation, score the new candidates, tell, checkpoint. Read top to bottom.
+(`window.py` is its asynchronous variant, for optimizers that ask one candidate at a time.)
 
 Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state and
 the generation counter are saved together after each generation (the evaluation cache is rebuilt
