@@ -119,6 +119,7 @@ class SearchConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     objectives: list[ObjectiveConfig] = MISSING
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    in_flight: int | None = None  # None: generations (loop.py); N: asynchronous, N candidates out (window.py)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
@@ -159,6 +160,8 @@ def check_config(cfg: DictConfig) -> None:
         raise bad("models.experts", "[]", "a list of at least one model folder")
     if cfg.tasks.limit is not None and cfg.tasks.limit < 1:
         raise bad("tasks.limit", cfg.tasks.limit, "a positive number of items per task, or null for all")
+    if cfg.in_flight is not None and cfg.in_flight < 1:
+        raise bad("in_flight", cfg.in_flight, "a positive number of candidates in flight, or null for generations")
     if cfg.tasks.batch_size < 1:
         raise bad("tasks.batch_size", cfg.tasks.batch_size, "a positive batch size")
     _check_executor(cfg, bad)

@@ -170,7 +170,11 @@ def test_a_worker_startup_error_reaches_the_driver_as_itself(local_ray, spec, tm
     assert ray.available_resources()["CPU"] == free  # the worker that reported the error was let go
 
 
-def search_config(world, run_dir, *extra):
+GENERATIONS = ("optimizer.popsize=4",)  # CMA-ES, generations of 4
+ASYNCHRONOUS = ("optimizer=tpe", "optimizer.batch_size=4", "optimizer.n_startup_trials=4", "in_flight=4")
+
+
+def search_config(world, run_dir, *extra, mode=GENERATIONS):
     register_configs()
     overrides = [
         f"run_dir={run_dir}",
@@ -181,7 +185,7 @@ def search_config(world, run_dir, *extra):
         "tasks.limit=40",
         "objectives=[{name: mean_skill, terms: {toy_math/acc: 0.5, toy_lang/acc: 0.5}}]",
         "method.name=task_arithmetic",
-        "optimizer.popsize=4",
+        *mode,
         "budget.evaluations=40",
         "seed=5",
         *extra,
@@ -218,14 +222,15 @@ def rows(run_dir):
 
 
 @pytest.mark.e2e
-def test_a_killed_ray_driver_resumes_to_the_serial_result(local_ray, toy_world, tmp_path):
+@pytest.mark.parametrize("mode", [GENERATIONS, ASYNCHRONOUS], ids=["generations", "asynchronous"])
+def test_a_killed_ray_driver_resumes_to_the_serial_result(local_ray, toy_world, tmp_path, mode):
     serial_dir, ray_dir = tmp_path / "serial", tmp_path / "ray"
-    cfg, _ = search_config(toy_world, serial_dir, "executor.threads=1")
+    cfg, _ = search_config(toy_world, serial_dir, "executor.threads=1", mode=mode)
     start(cfg, serial_dir)
 
     # The driver joins this module's Ray instance, as `executor.address=auto` joins a cluster.
     join = [f"executor.address={local_ray}", "executor.num_workers=2"]
-    _, overrides = search_config(toy_world, ray_dir, "executor=ray", *join)
+    _, overrides = search_config(toy_world, ray_dir, "executor=ray", *join, mode=mode)
     driver = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", "search", *overrides],
         stdout=subprocess.DEVNULL,
@@ -241,5 +246,13 @@ def test_a_killed_ray_driver_resumes_to_the_serial_result(local_ray, toy_world, 
 
     resume(ray_dir, [], force=False)
     assert rows(ray_dir) == rows(serial_dir)
+    assert [proposal for _, _, proposal in rows(ray_dir)] == list(range(40))
+    assert len({scores[0] for _, scores, _ in rows(ray_dir)}) > 2  # the candidates do score differently
     a, b = RunFolder(ray_dir).load_checkpoint(), RunFolder(serial_dir).load_checkpoint()
     assert a.best.recipe == b.best.recipe and a.best.scores == b.best.scores
+
+
+def test_cmaes_cannot_run_asynchronously(toy_world, tmp_path):
+    cfg, _ = search_config(toy_world, tmp_path / "run", "in_flight=4")
+    with pytest.raises(EvomergeError, match="in_flight=4 asks one candidate at a time, which CMAESOptimizer cannot"):
+        start(cfg, tmp_path / "run")

@@ -305,12 +305,14 @@ def test_optuna_db_mirrors_the_study_and_survives_a_resume(tmp_path):
     run(optimizer, 2, score)
     checkpoint = pickle.dumps(optimizer.state_dict())
     run(optimizer, 1, score)  # optuna.db is now a generation ahead of the checkpoint
+    optimizer.close()  # the file is written on a thread: wait for it
     assert [t.number for t in stored_trials()] == list(range(30))
 
     resumed = make("nsga2", space=MIXED_SPACE, n_objectives=2, run_dir=tmp_path)
     resumed.load_state_dict(pickle.loads(checkpoint))
     proposals = resumed.ask()
     resumed.tell(proposals, score(proposals, shift=1.0))  # the rerun scores differently
+    resumed.close()
     trials = stored_trials()
     expected = resumed.state_dict()["algorithm"]["trials"]
     assert [t.values for t in trials] == [e["values"] for e in expected]
@@ -340,3 +342,59 @@ def test_pareto_front_worked_by_hand():
     assert restored.members == front.members
     with pytest.raises(ValueError):
         restored.add(id=2, scores=(9.0, 9.0))
+
+
+ONE_AT_A_TIME = ["nsga2", "random", "tpe"]
+
+
+def run_window(optimizer: Optimizer, count: int, score, *, stop_after: int | None = None) -> list[Proposal]:
+    """The asynchronous loop's order for `count` candidates: 4 in flight, the oldest told before each new
+    ask; returns the proposals asked. `stop_after`: stop (as if killed) once that many are told."""
+    asked = list(optimizer.in_flight())
+    told = asked[0].id if asked else 0
+    while told < (count if stop_after is None else stop_after):
+        while len(optimizer.in_flight()) < 4 and told + len(optimizer.in_flight()) < count:
+            asked.append(optimizer.ask_one())
+        oldest = optimizer.in_flight()[0]
+        optimizer.tell_one(oldest, score([oldest])[0])
+        told += 1
+    return asked
+
+
+@pytest.mark.parametrize(("name", "n_objectives"), [(name, 1) for name in ONE_AT_A_TIME] + [("tpe", 2)])
+def test_one_at_a_time_resumes_exactly_with_candidates_in_flight(name, n_objectives):
+    def score(proposals):
+        return scores_with_failures(MIXED_SPACE, proposals, n_objectives)
+
+    uninterrupted = run_window(make(name, space=MIXED_SPACE, n_objectives=n_objectives), 30, score)
+    first = make(name, space=MIXED_SPACE, n_objectives=n_objectives)
+    before = run_window(first, 30, score, stop_after=13)
+    saved = pickle.dumps(first.state_dict())
+    assert [p.id for p in first.in_flight()] == [13, 14, 15]  # asked, not told, when the process dies
+    resumed = make(name, space=MIXED_SPACE, n_objectives=n_objectives, seed=12345)  # the seed is overridden
+    resumed.load_state_dict(pickle.loads(saved))
+    after = run_window(resumed, 30, score)
+    assert same_proposals([before], [uninterrupted[:16]]) and same_proposals([after], [uninterrupted[13:]])
+    if name in LEARNING:  # past the startup trials, what was told shapes what is asked
+        flat = run_window(
+            make(name, space=MIXED_SPACE, n_objectives=n_objectives), 30, lambda ps: [(0.0,) * n_objectives] * len(ps)
+        )
+        assert not same_proposals([flat], [uninterrupted])
+
+
+def test_cmaes_asks_whole_generations_only():
+    optimizer = make("cmaes", space=FLOAT_SPACE)
+    assert not optimizer.asks_one_at_a_time
+    with pytest.raises(RuntimeError, match="asks whole generations only"):
+        optimizer.ask_one()
+
+
+def test_one_at_a_time_and_generations_do_not_mix():
+    optimizer = make("tpe", space=FLOAT_SPACE)
+    proposal = optimizer.ask_one()
+    with pytest.raises(RuntimeError, match="in flight"):
+        optimizer.ask()
+    optimizer.tell_one(proposal, (float("nan"),))  # a failure: told with the penalty, -1 with nothing seen
+    assert optimizer.state_dict()["algorithm"]["trials"][0]["values"] == [-1.0]
+    with pytest.raises(ValueError, match="not told yet"):
+        optimizer.tell_one(proposal, (0.0,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 
 from evomerge.search.run_folder import RunFolder
@@ -61,3 +62,23 @@ def test_a_replayed_candidate_takes_its_evaluated_row_not_a_cache_hit(tmp_path, 
     assert [r["seconds"] for r in rows(tmp_path / "crashed")[4:]] == [0.001, 0.0, 0.0, 0.0]
     search(tmp_path / "crashed", CountingEvaluator(), optimizer=optimizer(), evaluations=12)
     assert rows(tmp_path / "crashed") == rows(tmp_path / "straight")
+
+
+class Constant(RandomSearchOptimizer):
+    """Proposes the centre of the box every time: one evaluation, then cache hits only."""
+
+    def _ask_generation(self):
+        return [type(p)(id=p.id, x=np.full(len(self.space), 0.5)) for p in super()._ask_generation()]
+
+
+def test_the_cache_is_rebuilt_from_the_log_not_read_from_the_checkpoint(tmp_path):
+    def optimizer():
+        return Constant(space=genome().space, n_objectives=1, seed=0, batch_size=4)
+
+    search(tmp_path / "run", CountingEvaluator(), optimizer=optimizer(), evaluations=8)
+    assert RunFolder(tmp_path / "run").load_checkpoint().cache == {}  # it would grow with every generation
+    resumed = CountingEvaluator()
+    state = search(tmp_path / "run", resumed, optimizer=optimizer(), evaluations=16)
+    assert resumed.calls == 0
+    assert [r["cached"] for r in rows(tmp_path / "run")] == [False] + [True] * 15
+    assert list(state.cache) == [rows(tmp_path / "run")[0]["key"]]

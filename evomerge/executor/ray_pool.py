@@ -108,11 +108,18 @@ class RayExecutor:
         return [self.pids[actor] for actor in self.actors if actor in self.pids]
 
     def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
-        """Yield ``(position, outcome)`` as each candidate completes, every worker kept busy meanwhile."""
-        queue = deque(range(len(recipes)))
-        tries = [0] * len(recipes)
+        """Yield ``(position, outcome)`` as each candidate completes, every worker kept busy meanwhile.
+
+        Candidates appended to ``recipes`` while this runs (before the generator is resumed) are scored
+        too: the asynchronous search loop asks one for each result it tells."""
+        queue: deque[int] = deque()
+        tries: list[int] = []
         lines: dict[ray.actor.ActorHandle, deque[_Job]] = {}  # each busy actor's calls, the running one first
-        while queue or lines:
+        while True:
+            queue.extend(range(len(tries), len(recipes)))
+            tries += [0] * (len(recipes) - len(tries))
+            if not (queue or lines):
+                return
             self._dispatch(queue, recipes, lines)
             heads = {line[0].ref: actor for actor, line in lines.items()}
             ready, _ = ray.wait([*heads, *self._restarting], num_returns=1, timeout=self._wait_s(lines))

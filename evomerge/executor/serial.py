@@ -19,7 +19,8 @@ class SerialExecutor:
         self.worker = Worker(spec)
 
     def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
-        """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once."""
+        """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once.
+        Candidates appended to ``recipes`` meanwhile are scored too (a list iterator sees them)."""
         for position, recipe in enumerate(recipes):
             yield position, self.worker.evaluate(recipe)
 

@@ -85,6 +85,16 @@ class ParameterSpaceGenome:
         self.genes = tuple(self._genes(chosen, ranges))
         # Layer i belongs to group _group_of[i]: contiguous, near-equal groups.
         self._group_of = np.array_split(np.arange(max(num_layers, 1)), layer_groups)
+        # Which genes fill each (param, model) setting, rule by rule, worked out once: to_recipe runs for
+        # every candidate on the search driver.
+        self._gene_positions = {
+            key: [
+                [i for i, g in enumerate(self.genes) if (g.param, g.model, g.filter) == (*key, f)] for f in self.filters
+            ]
+            for key in dict.fromkeys((g.param, g.model) for g in self.genes)
+        }
+        self._low = np.array([g.low for g in self.genes])
+        self._span = np.array([g.high - g.low for g in self.genes])
 
     @property
     def dimension(self) -> int:
@@ -98,13 +108,13 @@ class ParameterSpaceGenome:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         if x.shape != (self.dimension,):
             raise ValueError(f"expected a vector of {self.dimension} values, got shape {x.shape}")
-        values = {g: float(g.low + xi * (g.high - g.low)) for g, xi in zip(self.genes, x, strict=True)}
+        values = (self._low + x * self._span).tolist()
         settings: dict[tuple[str, int | None], Setting] = {}
-        for key in dict.fromkeys((g.param, g.model) for g in self.genes):
-            rules = []
-            for filt in self.filters:
-                per_group = [values[g] for g in self.genes if (g.param, g.model, g.filter) == (*key, filt)]
-                rules.append(Rule(filter=filt, values=self._per_layer(per_group)))
+        for key, positions in self._gene_positions.items():
+            rules = (
+                Rule(filter=f, values=self._per_layer([values[i] for i in genes]))
+                for f, genes in zip(self.filters, positions, strict=True)
+            )
             settings[key] = Setting(rules=tuple(rules))
         models = tuple(
             replace(entry, parameters={**entry.parameters, **{p: s for (p, m), s in settings.items() if m == i}})

@@ -4,6 +4,9 @@ Contract every backend keeps (tests/test_optimizers.py checks it for all of them
 
 * `ask()` returns one generation of `Proposal`s; `tell()` takes exactly those proposals (any order)
   with one score tuple each, all objectives maximized. One generation is in flight at a time.
+* Backends with `asks_one_at_a_time` (optuna's samplers, random search; not CMA-ES, whose update needs
+  a whole generation) also serve the asynchronous loop: `ask_one()` returns one `Proposal`, `tell_one()`
+  takes one back, with any number in flight. A run uses one style or the other, never both at once.
 * Ids count 0, 1, 2, ... over the whole run, so a proposal's id names it in logs and in optuna.db.
 * A score that is not finite (NaN, +-inf, None) marks a failed candidate; `FailurePenalty` replaces
   it by a finite value that ranks below every score seen so far, because cma ranks NaN arbitrarily
@@ -12,7 +15,12 @@ Contract every backend keeps (tests/test_optimizers.py checks it for all of them
   Loading it into a freshly constructed optimizer of the same config continues with exactly the
   proposals an uninterrupted run would make. Called between `ask()` and `tell()`, it returns the state
   from before that `ask()`: a crash mid-generation resumes by asking the same generation again.
+  One at a time, it holds the candidates asked and not yet told; after loading, `in_flight()` returns
+  them and each is told as if there had been no interruption.
+  The dict returned between generations is kept (the next `ask()` reuses it instead of serializing the
+  backend again): treat it as read-only.
 * All randomness comes from the constructor's seed; no global random state is read or written.
+* `close()` at the end of a run waits for what a backend writes in the background (optuna.db).
 """
 
 from __future__ import annotations
@@ -74,7 +82,10 @@ class FailurePenalty:
 
 
 class Optimizer(abc.ABC):
-    """Ask/tell over a `SearchSpace`; backends fill in the four `_` methods at the bottom."""
+    """Ask/tell over a `SearchSpace`; backends fill in the four abstract `_` methods at the bottom, and
+    the two `_..._one` methods when they set `asks_one_at_a_time`."""
+
+    asks_one_at_a_time = False
 
     def __init__(self, *, space: SearchSpace, n_objectives: int) -> None:
         if not isinstance(n_objectives, int) or n_objectives < 1:
@@ -84,11 +95,18 @@ class Optimizer(abc.ABC):
         self._penalty = FailurePenalty(n_objectives=n_objectives)
         self._pending: list[Proposal] | None = None
         self._state_before_ask: dict[str, Any] | None = None
+        self._state_between: dict[str, Any] | None = None  # what state_dict() last returned, until a change
+        self._in_flight: dict[int, Proposal] = {}  # asked one at a time, not yet told
 
     def ask(self) -> list[Proposal]:
         if self._pending is not None:
             raise RuntimeError("ask() called twice: tell() the previous generation first")
-        self._state_before_ask = self.state_dict()
+        if self._in_flight:
+            raise RuntimeError("ask() called while candidates asked one at a time are in flight")
+        # The search loop asked for the state after the last tell to checkpoint it: reuse it rather than
+        # serialize the backend again while the workers wait for this generation.
+        self._state_before_ask = self._state_between or self.state_dict()
+        self._state_between = None
         self._pending = self._ask_generation()
         return list(self._pending)
 
@@ -113,17 +131,48 @@ class Optimizer(abc.ABC):
         self._tell_generation(self._pending, self._penalty.apply(values), failed)
         self._pending = None
         self._state_before_ask = None
+        self._state_between = None
+
+    def ask_one(self) -> Proposal:
+        if not self.asks_one_at_a_time:
+            raise RuntimeError(f"{type(self).__name__} asks whole generations only: use ask()")
+        if self._pending is not None:
+            raise RuntimeError("ask_one() called while a generation is in flight: tell() it first")
+        self._state_between = None
+        proposal = self._ask_one()
+        self._in_flight[proposal.id] = proposal
+        return proposal
+
+    def tell_one(self, proposal: Proposal, scores: Sequence[float | None]) -> None:
+        if proposal.id not in self._in_flight:
+            raise ValueError(f"tell_one() takes a proposal asked by ask_one() and not told yet; got id {proposal.id}")
+        values = np.array(scores, dtype=float).reshape(1, -1)
+        if values.shape[1] != self.n_objectives:
+            raise ValueError(f"each score tuple needs {self.n_objectives} values, got {values.shape[1]}")
+        self._state_between = None
+        failed = not np.isfinite(values).all()
+        self._tell_one(self._in_flight.pop(proposal.id), self._penalty.apply(values)[0], failed)
+
+    def close(self) -> None:  # noqa: B027 - most backends run nothing in the background
+        """Finish what the backend does in the background (optuna: the last refresh of optuna.db)."""
+
+    def in_flight(self) -> list[Proposal]:
+        """The candidates asked by `ask_one()` and not told yet, in ask order."""
+        return list(self._in_flight.values())
 
     def state_dict(self) -> dict[str, Any]:
         if self._state_before_ask is not None:
             return copy.deepcopy(self._state_before_ask)
-        return {
-            "optimizer": type(self).__name__,
-            "space": self.space.dims,
-            "n_objectives": self.n_objectives,
-            "penalty": self._penalty.state_dict(),
-            "algorithm": self._algorithm_state(),
-        }
+        if self._state_between is None:
+            self._state_between = {
+                "optimizer": type(self).__name__,
+                "space": self.space.dims,
+                "n_objectives": self.n_objectives,
+                "penalty": self._penalty.state_dict(),
+                "algorithm": self._algorithm_state(),
+                "in_flight": [(proposal.id, proposal.x.tolist()) for proposal in self._in_flight.values()],
+            }
+        return self._state_between
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         written_by = (state["optimizer"], tuple(state["space"]), state["n_objectives"])
@@ -138,6 +187,8 @@ class Optimizer(abc.ABC):
         self._load_algorithm_state(state["algorithm"])
         self._pending = None
         self._state_before_ask = None
+        self._state_between = None
+        self._in_flight = {i: Proposal(id=i, x=np.array(x)) for i, x in state.get("in_flight", [])}
 
     @abc.abstractmethod
     def _ask_generation(self) -> list[Proposal]: ...
@@ -152,3 +203,10 @@ class Optimizer(abc.ABC):
 
     @abc.abstractmethod
     def _load_algorithm_state(self, state: dict[str, Any]) -> None: ...
+
+    def _ask_one(self) -> Proposal:
+        raise NotImplementedError  # only backends with asks_one_at_a_time
+
+    def _tell_one(self, proposal: Proposal, scores: np.ndarray, failed: bool) -> None:
+        """`scores` is finite, shape (n_objectives,); `failed`: it had a non-finite score."""
+        raise NotImplementedError

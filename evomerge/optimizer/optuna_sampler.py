@@ -4,7 +4,8 @@ Resume never reads optuna.db: the file cannot hold the sampler's random state, a
 file's refresh and the loop's checkpoint leaves it a generation ahead. `state_dict()` holds the pickled
 sampler (optuna's documented way to resume a sampler), the completed trials with their system attrs,
 and the study's system attrs; NSGA-II keeps its generation bookkeeping in those attrs, so the rebuilt
-study is the one the sampler left. Trials asked but never told are not in it.
+study is the one the sampler left. Asked one at a time, the trials in flight are in it too, as running
+trials (TPE's constant liar counts them); a whole generation in flight is not (it is asked again).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import pickle
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,10 @@ _WRITTEN_KEY = "evomerge:written"
 
 
 class OptunaOptimizer(Optimizer):
-    """Asks `batch_size` trials per generation from `sampler` on a study maximizing every objective."""
+    """Asks `batch_size` trials per generation from `sampler` on a study maximizing every objective, or
+    one trial at a time (optuna.db is then refreshed after every `batch_size` trials told)."""
+
+    asks_one_at_a_time = True
 
     def __init__(
         self,
@@ -52,7 +58,6 @@ class OptunaOptimizer(Optimizer):
             for dim in space
         }
         self._storage, self._study = self._new_study(sampler)
-        self._asked_trials: list[optuna.Trial] = []
         self._study_file = None if run_dir is None else OptunaStudyFile(path=Path(run_dir) / "optuna.db")
 
     def _new_study(self, sampler: optuna.samplers.BaseSampler) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
@@ -69,21 +74,36 @@ class OptunaOptimizer(Optimizer):
         return self._storage.get_study_id_from_name(STUDY_NAME)
 
     def _ask_generation(self) -> list[Proposal]:
-        self._asked_trials = [self._study.ask(self._distributions) for _ in range(self.batch_size)]
-        return [
-            Proposal(id=trial.number, x=np.array([trial.params[name] for name in self.space.names], dtype=float))
-            for trial in self._asked_trials
-        ]
+        return [self._ask_one() for _ in range(self.batch_size)]
 
     def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
+        for proposal, row, trial_failed in zip(proposals, scores, failed, strict=True):
+            self._tell_trial(proposal.id, row, trial_failed)
+        self._refresh_study_file()
+
+    def _ask_one(self) -> Proposal:
+        trial = self._study.ask(self._distributions)
+        return Proposal(id=trial.number, x=np.array([trial.params[name] for name in self.space.names], dtype=float))
+
+    def _tell_one(self, proposal: Proposal, scores: np.ndarray, failed: bool) -> None:
+        self._tell_trial(proposal.id, scores, failed)
+        if (proposal.id + 1) % self.batch_size == 0:
+            self._refresh_study_file()
+
+    def _tell_trial(self, number: int, scores: np.ndarray, failed: bool) -> None:
         # Failures are told as COMPLETE with the penalty, not as FAIL: optuna counts only complete trials
         # toward an NSGA-II generation (a FAIL stretches the generation into the next batch), and TPE
         # drops failed trials, so it keeps proposing the region that fails.
-        for trial, row, trial_failed in zip(self._asked_trials, scores, failed, strict=True):
-            if trial_failed:
-                trial.set_user_attr("failed", True)
-            self._study.tell(trial, row.tolist())
-        self._asked_trials = []
+        if failed:
+            trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id(), number)
+            self._storage.set_trial_user_attr(trial_id, "failed", True)
+        self._study.tell(number, scores.tolist())
+
+    def close(self) -> None:
+        if self._study_file is not None:
+            self._study_file.wait()
+
+    def _refresh_study_file(self) -> None:
         if self._study_file is not None:
             self._study_file.refresh(trials=self._completed_trials(), n_objectives=self.n_objectives)
 
@@ -95,24 +115,27 @@ class OptunaOptimizer(Optimizer):
             "sampler": pickle.dumps(self._study.sampler),
             "study_system_attrs": dict(self._storage.get_study_system_attrs(self._study_id())),
             "trials": [_trial_record(trial) for trial in self._completed_trials()],
+            "running": [_trial_record(trial) for trial in self._study.get_trials(states=(TrialState.RUNNING,))],
         }
 
     def _load_algorithm_state(self, state: dict[str, Any]) -> None:
         self._storage, self._study = self._new_study(pickle.loads(state["sampler"]))
         for key, value in state["study_system_attrs"].items():
             self._storage.set_study_system_attr(self._study_id(), key, value)
-        self._study.add_trials([self._trial_from_record(record) for record in state["trials"]])
-        self._asked_trials = []
+        # Numbered in the order added: completed and running trials together, by number.
+        records = sorted([*state["trials"], *state.get("running", [])], key=lambda record: record["number"])
+        self._study.add_trials([self._trial_from_record(record) for record in records])
 
     def _trial_from_record(self, record: dict[str, Any]) -> FrozenTrial:
+        running = record["values"] is None
         return FrozenTrial(
             number=record["number"],
             trial_id=record["number"],
-            state=TrialState.COMPLETE,
+            state=TrialState.RUNNING if running else TrialState.COMPLETE,
             value=None,
             values=record["values"],
             datetime_start=datetime.datetime.fromisoformat(record["datetime_start"]),
-            datetime_complete=datetime.datetime.fromisoformat(record["datetime_complete"]),
+            datetime_complete=None if running else datetime.datetime.fromisoformat(record["datetime_complete"]),
             params=record["params"],
             distributions=self._distributions,
             user_attrs=record["user_attrs"],
@@ -191,12 +214,50 @@ class OptunaStudyFile:
     many trials it holds and their digest, so a refresh after a resume can tell whether the file is still
     a prefix of this run's history; when it is not (it ran ahead and the rerun scored differently) the
     study in it is rebuilt.
+
+    Those tens of milliseconds per trial would hold up every tell, and the workers waiting for the next
+    candidate with it, so refreshes run on a thread of their own: one asked while another is writing
+    is merged into the next write (the newest trials win). `wait()` returns once the file is current.
     """
 
     def __init__(self, *, path: Path) -> None:
         self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._lock = threading.Lock()
+        self._wanted: tuple[list[FrozenTrial], int] | None = None  # the newest trials not written yet
+        self._writing = False
+        self._written: Future | None = None
 
     def refresh(self, *, trials: list[FrozenTrial], n_objectives: int) -> None:
+        """Have the file hold ``trials`` (completed trials, which optuna no longer changes) soon."""
+        if self._written is not None and self._written.done():
+            self._written.result()  # a failed write surfaces here, on the search's thread
+        with self._lock:
+            self._wanted = (list(trials), n_objectives)
+            if self._writing:
+                return
+            self._writing = True
+        self._written = self._writer.submit(self._write_wanted)
+
+    def wait(self) -> None:
+        if self._written is not None:
+            self._written.result()
+
+    def _write_wanted(self) -> None:
+        while True:
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+                if wanted is None:
+                    self._writing = False
+                    return
+            try:
+                self._write(*wanted)
+            except BaseException:
+                with self._lock:
+                    self._writing = False
+                raise
+
+    def _write(self, trials: list[FrozenTrial], n_objectives: int) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
         partial.unlink(missing_ok=True)
         if self.path.exists():
@@ -233,11 +294,11 @@ def _trial_record(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "params": dict(trial.params),
-        "values": list(trial.values),
+        "values": None if trial.values is None else list(trial.values),
         "user_attrs": dict(trial.user_attrs),
         "system_attrs": dict(trial.system_attrs),
         "datetime_start": trial.datetime_start.isoformat(),
-        "datetime_complete": trial.datetime_complete.isoformat(),
+        "datetime_complete": None if trial.datetime_complete is None else trial.datetime_complete.isoformat(),
     }
 
 

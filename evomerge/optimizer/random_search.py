@@ -15,6 +15,8 @@ from evomerge.optimizer.space import SearchSpace
 class RandomSearchOptimizer(Optimizer):
     """Float dims uniform within their bounds, binary dims a fair coin; scores are ignored."""
 
+    asks_one_at_a_time = True
+
     def __init__(
         self,
         *,
@@ -39,6 +41,14 @@ class RandomSearchOptimizer(Optimizer):
         return [Proposal(id=i, x=x) for i, x in zip(ids, self.space.from_unit(unit), strict=True)]
 
     def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
+        pass
+
+    def _ask_one(self) -> Proposal:
+        unit = self._generator.random((1, len(self.space)))
+        self._next_id += 1
+        return Proposal(id=self._next_id - 1, x=self.space.from_unit(unit)[0])
+
+    def _tell_one(self, proposal: Proposal, scores: np.ndarray, failed: bool) -> None:
         pass
 
     def _algorithm_state(self) -> dict[str, Any]:

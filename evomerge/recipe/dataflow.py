@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe.recipe import DTYPES, canonical_yaml
+from evomerge.recipe.canonical import canonical_yaml
+from evomerge.recipe.recipe import DTYPES
 
 KIND = "dataflow"
 _TOP_KEYS = {"kind", "sources", "embedding_source", "path", "max_path_length", "dtype"}

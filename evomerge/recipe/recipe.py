@@ -27,17 +27,8 @@ from pathlib import Path
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe.canonical import canonical_yaml
 from evomerge.recipe.setting import Setting
-
-# libyaml's dumper when PyYAML was built with it: the same bytes, 3x faster, and the search loop computes
-# one key per candidate on the driver.
-_KEY_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def canonical_yaml(plain: dict) -> str:
-    """One line of YAML per distinct plain recipe: sorted keys, so equal recipes give equal strings."""
-    return yaml.dump(plain, Dumper=_KEY_DUMPER, sort_keys=True, default_flow_style=True, width=1 << 30)
-
 
 FORMAT_KEY = "method"
 _TOP_KEYS = {"method", "base", "models", "parameters", "dtype", "tokenizer_source", "seed", "allow_negative_weights"}

@@ -1,9 +1,11 @@
 """The search loop: ask a generation, score the new candidates, tell, checkpoint. Read top to bottom.
+(`window.py` is its asynchronous variant, for optimizers that ask one candidate at a time.)
 
-Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state,
-the evaluation cache and the generation counter are saved together after each generation, and
-candidates scored after the last checkpoint (by a process that was killed) are asked again and
-take their logged scores instead of being evaluated twice.
+Resume is exact because the loop is deterministic given the checkpoint: the optimizer's state and
+the generation counter are saved together after each generation (the evaluation cache is rebuilt
+from the rows of the log that the checkpoint counts), and candidates scored after the last
+checkpoint (by a process that was killed) are asked again and take their logged scores instead of
+being evaluated twice.
 
 The checkpoint is written (its fsyncs included) on a thread while the next generation runs, so the
 workers do not wait on the disk. A kill before it lands leaves the checkpoint before it: the resumed
@@ -17,14 +19,14 @@ import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from evomerge.evaluate.lm_eval_scorer import weighted_sum
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate, Genome
-from evomerge.optimizer.base import Optimizer
+from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
 from evomerge.search.progress import Progress
 from evomerge.search.run_folder import RunFolder
@@ -52,14 +54,7 @@ def run_search(
     budget: Budget,
 ) -> SearchState:
     """Drive the search until the budget is spent, checkpointing after every generation."""
-    state = run.load_checkpoint()
-    if state is None:
-        state = SearchState(optimizer=optimizer.state_dict(), front=ParetoFront(n_objectives=len(objectives)))
-    else:
-        optimizer.load_state_dict(state.optimizer)
-    replay: dict[str, dict] = {}
-    for row in run.truncate_evaluations(state.evaluations):
-        replay.setdefault(row["key"], row)  # the evaluated row; later rows with its key were cache hits
+    state, replay = resume_state(run, optimizer, n_objectives=len(objectives))
     progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
@@ -94,7 +89,7 @@ def run_search(
             state.optimizer = optimizer.state_dict()
             if saved is not None:
                 saved.result()  # one write at a time, in generation order; its error surfaces here
-            saved = writer.submit(run.save_checkpoint, pickle.dumps(state))
+            saved = writer.submit(run.save_checkpoint, checkpoint_bytes(state))
             progress.generation_done(state)
         if saved is not None:
             saved.result()
@@ -102,42 +97,85 @@ def run_search(
     return state
 
 
+def resume_state(run: RunFolder, optimizer: Optimizer, *, n_objectives: int) -> tuple[SearchState, dict[str, dict]]:
+    """The run's state from its checkpoint (the optimizer loaded with it), or a fresh one; and the rows
+    logged past the checkpoint, by key, for the candidates the resumed run will ask again."""
+    state = run.load_checkpoint()
+    if state is None:
+        state = SearchState(optimizer=optimizer.state_dict(), front=ParetoFront(n_objectives=n_objectives))
+    else:
+        optimizer.load_state_dict(state.optimizer)
+    kept, dropped = run.truncate_evaluations(state.evaluations)
+    state.cache = {row["key"]: _cached(row) for row in kept if not row["cached"]}
+    replay: dict[str, dict] = {}
+    for row in dropped:
+        replay.setdefault(row["key"], row)  # the evaluated row; later rows with its key were cache hits
+    return state, replay
+
+
 def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores) -> None:
     """Log (and cache) the next rows of this generation whose scores are known; append to ``scores``."""
     while len(scores) < len(proposals):
         i = len(scores)
-        key = keys[i]
-        cached = key in state.cache
-        if cached:
-            score, metrics, error = state.cache[key]
-            seconds = 0.0
-        elif key in replay:
-            row = replay.pop(key)
-            score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
-        elif key in arrived:
-            outcome = arrived.pop(key)
-            metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
-            score = _objective_scores(metrics, error, objectives)
-            state.evaluating_s += seconds
-        else:
+        score = log_row(run, state, proposals[i], recipes[i], keys[i], arrived, replay, objectives)
+        if score is None:
             return
-        state.cache[key] = (score, metrics, error)
-        row = {
-            "index": state.evaluations,
-            "generation": state.generation,
-            "proposal": proposals[i].id,
-            "key": key,
-            "recipe": recipes[i].to_plain(),
-            "scores": [s if math.isfinite(s) else None for s in score],
-            "metrics": metrics,
-            "error": error,
-            "cached": cached,
-            "seconds": seconds,
-        }
-        run.append_evaluation(row)
-        _update_best(state, row, score)
         scores.append(score)
-        state.evaluations += 1
+
+
+def log_row(
+    run: RunFolder,
+    state: SearchState,
+    proposal: Proposal,
+    recipe: Candidate,
+    key: str,
+    arrived: dict[str, Outcome],
+    replay: dict[str, dict],
+    objectives: list[dict],
+) -> tuple[float, ...] | None:
+    """Log (and cache) this candidate's row and return its scores, if they are known: from the cache, a
+    row logged before a resume, or an outcome ``arrived`` from the executor; else None."""
+    cached = key in state.cache
+    if cached:
+        score, metrics, error = state.cache[key]
+        seconds = 0.0
+    elif key in replay:
+        row = replay.pop(key)
+        score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
+    elif key in arrived:
+        outcome = arrived.pop(key)
+        metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
+        score = _objective_scores(metrics, error, objectives)
+        state.evaluating_s += seconds
+    else:
+        return None
+    state.cache[key] = (score, metrics, error)
+    row = {
+        "index": state.evaluations,
+        "generation": state.generation,
+        "proposal": proposal.id,
+        "key": key,
+        "recipe": recipe.to_plain(),
+        "scores": [s if math.isfinite(s) else None for s in score],
+        "metrics": metrics,
+        "error": error,
+        "cached": cached,
+        "seconds": seconds,
+    }
+    run.append_evaluation(row)
+    _update_best(state, row, score)
+    state.evaluations += 1
+    return score
+
+
+def checkpoint_bytes(state: SearchState) -> bytes:
+    """The state pickled without its evaluation cache, which grows with the run and would be pickled
+    again every generation on the driver; a resume rebuilds it from the log's rows (`_cached`)."""
+    return pickle.dumps(replace(state, cache={}))
+
+
+def _cached(row: dict) -> tuple[tuple[float, ...], dict[str, float] | None, str | None]:
+    return _scores(row["scores"]), row["metrics"], row["error"]
 
 
 def _objective_scores(metrics: dict[str, float] | None, error: str | None, objectives: list[dict]) -> tuple[float, ...]:

@@ -2,7 +2,8 @@
 
 - ``config.yaml``: the resolved config the run was started with (resume compares against it);
 - ``evaluations.jsonl``: one line per candidate, appended and flushed as each is scored;
-- ``checkpoint.pkl``: the search state after the last whole generation, replaced atomically;
+- ``checkpoint.pkl``: the search state after the last whole generation, replaced atomically (its
+  evaluation cache left out: the log's rows rebuild it);
 - ``run.lock``: an advisory lock held while a process drives the run (released by the OS when that
   process dies, even by SIGKILL, so a crash never leaves a stale lock).
 """
@@ -78,8 +79,8 @@ class RunFolder:
                 break  # a line cut short by a kill: everything after it is lost anyway
         return rows
 
-    def truncate_evaluations(self, count: int) -> list[dict]:
-        """Keep the first ``count`` rows (the checkpointed ones); return the rows dropped after them.
+    def truncate_evaluations(self, count: int) -> tuple[list[dict], list[dict]]:
+        """Keep the first ``count`` rows (the checkpointed ones); return them and the rows dropped after them.
 
         Rows past the checkpoint were scored by a process that died before its generation was
         checkpointed; the resumed run asks the same candidates again and reuses these scores.
@@ -87,7 +88,7 @@ class RunFolder:
         rows = self.read_evaluations()
         kept, dropped = rows[:count], rows[count:]
         atomic_write_text(self.path / EVALUATIONS, "".join(json.dumps(row) + "\n" for row in kept))
-        return dropped
+        return kept, dropped
 
     def append_evaluation(self, row: dict) -> None:
         if self._log_handle is None:

@@ -26,6 +26,7 @@ from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import write_plots
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
+from evomerge.search.window import run_window_search
 
 
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
@@ -146,21 +147,40 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         searched = template.method if cfg.genome.kind == "ps" else f"{cfg.genome.kind} paths"
         print(f"evomerge: {genome.dimension}-dimensional genome over {searched} ({len(objectives)} objective(s))")
         optimizer = _instantiate_optimizer(cfg, genome, len(objectives), run.path)
+        if cfg.in_flight is not None and not optimizer.asks_one_at_a_time:
+            raise EvomergeError(
+                f"in_flight={cfg.in_flight} asks one candidate at a time, which {type(optimizer).__name__} cannot: "
+                "it updates on whole generations",
+                "use optimizer=tpe, optimizer=nsga2 or optimizer=random, or in_flight=null",
+            )
         # Workers validate the recipe family on a complete candidate: the centre of the box.
         center = genome.to_recipe([0.5] * genome.dimension)
         spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
         executor = build_executor(cfg.executor, spec)
+        budget = Budget(evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s)
         try:
-            state = run_search(
-                run=run,
-                genome=genome,
-                optimizer=optimizer,
-                evaluate=executor.evaluate,
-                objectives=objectives,
-                budget=Budget(evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s),
-            )
+            if cfg.in_flight is None:
+                state = run_search(
+                    run=run,
+                    genome=genome,
+                    optimizer=optimizer,
+                    evaluate=executor.evaluate,
+                    objectives=objectives,
+                    budget=budget,
+                )
+            else:
+                state = run_window_search(
+                    run=run,
+                    genome=genome,
+                    optimizer=optimizer,
+                    evaluate=executor.evaluate,
+                    objectives=objectives,
+                    budget=budget,
+                    in_flight=cfg.in_flight,
+                )
         finally:
             executor.close()
+        optimizer.close()
         write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
         return state
     finally:

@@ -23,6 +23,7 @@ class SearchState:
     evaluations: int = 0  # rows of evaluations.jsonl this state accounts for
     elapsed_s: float = 0.0  # wall time spent by all processes that drove the run
     evaluating_s: float = 0.0  # of which workers spent materializing and scoring candidates
+    # key -> (scores, metrics, error) of each distinct candidate; not in checkpoint.pkl (the log rebuilds it)
     cache: dict[str, tuple[tuple[float, ...], dict[str, float] | None, str | None]] = field(default_factory=dict)
     best: Best | None = None
     front: ParetoFront | None = None
