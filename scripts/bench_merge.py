@@ -259,13 +259,32 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
     row = in_place(recipe, device=device, dtype=dtype, repeats=args.repeats)
     row["a"], moved = bandwidth_floor(recipe, device=device, dtype=dtype, repeats=args.repeats)
     row["gbps"] = moved / row["a"] / 1e9
-    command = [*tools["evomerge"], "merge", str(runs / "recipe.yaml"), str(runs / "evomerge"), *tools["evomerge_flags"]]
-    row["c"], row["start_c"], row["rss_c"] = run_child(command, runs / "evomerge.log")
+    commands = {
+        "c": [*tools["evomerge"], "merge", str(runs / "recipe.yaml"), str(runs / "evomerge"), *tools["evomerge_flags"]]
+    }
+    if tools["mergekit"]:
+        commands["d"] = [
+            *tools["mergekit"],
+            str(runs / "mergekit.yml"),
+            str(runs / "mergekit"),
+            *tools["mergekit_flags"],
+        ]
+    # (c) and (d) take turns, --runs times each, so a burst of other work on the machine slows both; each
+    # figure is the median of its runs, peak RSS the highest.
+    samples: dict[str, list[tuple[float, float, int]]] = {key: [] for key in commands}
+    for _ in range(args.runs):
+        for key, command in commands.items():
+            samples[key].append(run_child(command, runs / f"{key}.log"))
+    for key, runs_of_key in samples.items():
+        walls, startups, peaks = zip(*runs_of_key, strict=True)
+        row[key], row[f"start_{key}"], row[f"rss_{key}"] = (
+            statistics.median(walls),
+            statistics.median(startups),
+            max(peaks),
+        )
     row["phases"] = to_disk_phases(recipe, runs / "profiled", device=args.device, dtype=args.dtype)
     shutil.rmtree(runs / "profiled")
     if tools["mergekit"]:
-        command = [*tools["mergekit"], str(runs / "mergekit.yml"), str(runs / "mergekit"), *tools["mergekit_flags"]]
-        row["d"], row["start_d"], row["rss_d"] = run_child(command, runs / "mergekit.log")
         row["diff"] = None if method in RANDOM else max_abs_diff(runs / "evomerge", runs / "mergekit")
     return row
 
@@ -295,6 +314,13 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
         said = [f"(b) ≤ 2× (a) {'holds' if b_ratio <= 2 else 'FAILS'} at {b_ratio:.1f}×"]
         if b_ratio > 2:
             said[-1] += f": {r['b'] - r['a']:.2f} s beyond moving the bytes, in {r['ops']}"
+            if method in RANDOM and r["kept"]:
+                # DARE reads its kept draws every candidate, besides the weights (a) counts.
+                floor = r["a"] + r["kept"] / (r["gbps"] * 1e9)
+                said[-1] += (
+                    f". It also reads its kept draws ({mb(r['kept'])}) every candidate: (a) plus those bytes at (a)'s "
+                    f"rate is {1000 * floor:.0f} ms, and (b) is {r['b'] / floor:.1f}× that"
+                )
         if "d" in r:
             speed, engine = r["d"] / r["c"], (r["d"] - r["start_d"]) / (r["c"] - r["start_c"])
             diff = "random method" if r["diff"] is None else f"{r['diff']:.1e}"
@@ -330,7 +356,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--methods", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of (a) and (b), after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of (a) and (b), after one warm-up")
+    parser.add_argument("--runs", type=int, default=3, help="fresh-process runs of (c) and (d), taking turns")
     parser.add_argument("--scale", type=float, default=1.0, help="model width and depth multiplier (default 1)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"), help="model cache and outputs")
     parser.add_argument("--mergekit-yaml", default=None, help="mergekit-yaml to compare with (default: found)")
@@ -397,7 +424,8 @@ def main() -> None:
         f"- (c): `{shlex.join(['evomerge', 'merge', 'RECIPE', 'OUT', *tools['evomerge_flags']])}`. (d): "
         f"`{shlex.join(['mergekit-yaml', 'CONFIG', 'OUT', *tools['mergekit_flags']])}` ({mergekit or 'not found'}) "
         "on `to_mergekit(recipe)`. Each runs its console script's entry point in a fresh process that notes when its "
-        "imports are done (start-up); wall time includes start-up; peak RSS is that process's own `ru_maxrss`.",
+        "imports are done (start-up); wall time includes start-up; peak RSS is that process's own `ru_maxrss`. "
+        f"(c) and (d) take turns, {args.runs} runs each: times are medians, peak RSS the highest.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,19 +14,26 @@ _COLINEAR = 0.9995
 # Statistics accumulate in float64 and 16-bit inputs merge in float32, a chunk at a time, so the
 # working copies stay this small (as in mergekit) instead of doubling the tensors.
 _CHUNK = 1 << 20
+# Products per block of the statistics: a quarter-million entries keep the three in cache (measured
+# fastest on a 12M-entry tensor against 2**16 and 2**20).
+_DOT_CHUNK = 1 << 18
 
 
 def norms_and_dot(base: torch.Tensor, tensors: torch.Tensor) -> torch.Tensor:
     """``[|a|^2, |b|^2, a.b]`` in float64, a chunk at a time: all slerp needs from its inputs besides t.
 
     The sums accumulate in float64: a float32 dot over a 12M-entry embedding is off by ~5e-5
-    relative on CPU, enough to move the merged tensor by 1e-4 (mergekit: 4e-7).
+    relative on CPU, enough to move the merged tensor by 1e-4 (mergekit: 4e-7). The products are
+    float32 (exact for 16-bit inputs, rounded by 2**-24 relative for float32 ones, which averages out
+    to ~1e-11 over a tensor): four times faster than converting both inputs to float64.
     """
     a, b = base.reshape(-1), tensors[0].reshape(-1)
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
     sums = torch.zeros(3, dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _CHUNK):
-        x, y = a[start : start + _CHUNK].to(torch.float64), b[start : start + _CHUNK].to(torch.float64)
-        sums += torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)])
+    for start in range(0, a.numel(), _DOT_CHUNK):
+        x, y = a[start : start + _DOT_CHUNK].to(work), b[start : start + _DOT_CHUNK].to(work)
+        products = (torch.mul(x, x), torch.mul(y, y), torch.mul(x, y))
+        sums += torch.stack([product.sum(dtype=torch.float64) for product in products])
     return sums
 
 
