@@ -158,26 +158,13 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
         executor = build_executor(cfg.executor, spec)
         budget = Budget(evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s)
+        search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": executor.evaluate}
+        search |= {"objectives": objectives, "budget": budget}
         try:
             if cfg.in_flight is None:
-                state = run_search(
-                    run=run,
-                    genome=genome,
-                    optimizer=optimizer,
-                    evaluate=executor.evaluate,
-                    objectives=objectives,
-                    budget=budget,
-                )
+                state = run_search(**search)
             else:
-                state = run_window_search(
-                    run=run,
-                    genome=genome,
-                    optimizer=optimizer,
-                    evaluate=executor.evaluate,
-                    objectives=objectives,
-                    budget=budget,
-                    in_flight=cfg.in_flight,
-                )
+                state = run_window_search(**search, in_flight=cfg.in_flight)
         finally:
             executor.close()
         optimizer.close()
