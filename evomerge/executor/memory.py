@@ -25,13 +25,16 @@ def resident_bytes(template: Recipe | DataFlowRecipe, dtype: str) -> tuple[int, 
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     if isinstance(template, DataFlowRecipe):
         checkpoints = [Checkpoint.open(source) for source in template.sources]
-        elements = sum(math.prod(c.shape(name)) for c in checkpoints for name in c.names)
+        elements = sum(_entries(checkpoint) for checkpoint in checkpoints)
         return elements * itemsize, len(checkpoints)
     sources = MergeSources.open(template, validate(template))
-    reference = sources.reference
-    elements = sum(math.prod(reference.shape(name)) for name in reference.names)
     copies = 1 + len(sources.all)
-    return elements * itemsize * copies, copies
+    return _entries(sources.reference) * itemsize * copies, copies
+
+
+def _entries(checkpoint: Checkpoint) -> int:
+    """Entries in one copy of the model: every tensor of ``checkpoint``."""
+    return sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -48,9 +51,8 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
     if isinstance(template, DataFlowRecipe):
         return 0
     method = validate(template)
-    reference = MergeSources.open(template, method).reference
-    elements = sum(math.prod(reference.shape(name)) for name in reference.names)
-    return len(template.models) * elements * method.precompute_bytes(device, DTYPES[dtype])
+    entries = _entries(MergeSources.open(template, method).reference)
+    return len(template.models) * entries * method.precompute_bytes(device, DTYPES[dtype])
 
 
 def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:

@@ -76,25 +76,42 @@ def run_search(
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
 
             optimizer.tell(proposals, scores)
-            finite = [s[0] for s in scores if math.isfinite(s[0])]
-            state.history.append(
-                {
-                    "generation": state.generation,
-                    "best": state.best.scores[0] if state.best else math.nan,
-                    "mean": float(np.mean(finite)) if finite else math.nan,
-                }
-            )
-            state.generation += 1
-            state.elapsed_s += time.perf_counter() - started
-            state.optimizer = optimizer.state_dict()
-            if saved is not None:
-                saved.result()  # one write at a time, in generation order; its error surfaces here
-            saved = writer.submit(run.save_checkpoint, checkpoint_bytes(state))
-            progress.generation_done(state)
+            _, saved = close_batch(run, state, optimizer, scores, started, saved, writer, progress)
         if saved is not None:
             saved.result()
     progress.close(state)
     return state
+
+
+def close_batch(
+    run: RunFolder,
+    state: SearchState,
+    optimizer: Optimizer,
+    scores: list[tuple[float, ...]],
+    started: float,
+    saved: Future | None,
+    writer: ThreadPoolExecutor,
+    progress: Progress,
+) -> tuple[float, Future]:
+    """Close a batch of told ``scores`` (a generation, or ``in_flight`` tells): history, counters, the
+    search time since ``started``, and the checkpoint handed to the writer thread. Returns (now, its future)."""
+    finite = [s[0] for s in scores if math.isfinite(s[0])]
+    state.history.append(
+        {
+            "generation": state.generation,
+            "best": state.best.scores[0] if state.best else math.nan,
+            "mean": float(np.mean(finite)) if finite else math.nan,
+        }
+    )
+    state.generation += 1
+    now = time.perf_counter()
+    state.elapsed_s += now - started
+    state.optimizer = optimizer.state_dict()
+    if saved is not None:
+        saved.result()  # one write at a time, in order; its error surfaces here
+    saved = writer.submit(run.save_checkpoint, checkpoint_bytes(state))
+    progress.generation_done(state)
+    return now, saved
 
 
 def resume_state(run: RunFolder, optimizer: Optimizer, *, n_objectives: int) -> tuple[SearchState, dict[str, dict]]:

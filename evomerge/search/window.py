@@ -14,19 +14,16 @@ logged after it are replayed as in `loop.py`.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate, Genome
 from evomerge.optimizer.base import Optimizer, Proposal
-from evomerge.search.loop import Budget, checkpoint_bytes, log_row, resume_state
+from evomerge.search.loop import Budget, close_batch, log_row, resume_state
 from evomerge.search.progress import Progress
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
@@ -93,7 +90,8 @@ def run_window_search(
                 optimizer.tell_one(slot.proposal, score)
                 told.append(score)
                 if len(told) == in_flight:
-                    clock, saved = _checkpoint(run, state, optimizer, told, clock, saved, writer, progress)
+                    clock, saved = close_batch(run, state, optimizer, told, clock, saved, writer, progress)
+                    told.clear()
                 while len(window) < in_flight and asking():
                     enter(optimizer.ask_one())
             if not window:
@@ -104,30 +102,8 @@ def run_window_search(
                 raise RuntimeError("the executor stopped while candidates were still being scored") from None
             arrived[keys[position]] = outcome
         if told:
-            clock, saved = _checkpoint(run, state, optimizer, told, clock, saved, writer, progress)
+            clock, saved = close_batch(run, state, optimizer, told, clock, saved, writer, progress)
         if saved is not None:
             saved.result()
     progress.close(state)
     return state
-
-
-def _checkpoint(run, state, optimizer, told, clock, saved, writer, progress) -> tuple[float, Future]:
-    """Close a batch of ``told`` scores: history, counters, the checkpoint handed to the writer thread."""
-    finite = [s[0] for s in told if math.isfinite(s[0])]
-    state.history.append(
-        {
-            "generation": state.generation,
-            "best": state.best.scores[0] if state.best else math.nan,
-            "mean": float(np.mean(finite)) if finite else math.nan,
-        }
-    )
-    told.clear()
-    state.generation += 1
-    now = time.perf_counter()
-    state.elapsed_s += now - clock
-    state.optimizer = optimizer.state_dict()
-    if saved is not None:
-        saved.result()  # one write at a time, in order; its error surfaces here
-    saved = writer.submit(run.save_checkpoint, checkpoint_bytes(state))
-    progress.generation_done(state)
-    return now, saved
