@@ -27,8 +27,9 @@ def recipe(toy_world, method: str) -> Recipe:
         ("ties", "cpu", "float32", 4 + 4),
         ("ties", "cpu", "bfloat16", 4 + 4),
         ("ties", "cuda", "bfloat16", 2 + 4),
-        # DARE keeps its draws (a float32 word per entry) on CPU only; on a GPU it draws per candidate.
-        ("dare_ties", "cpu", "bfloat16", 4),
+        # DARE keeps its draws on CPU only, 16 bits per entry per model (two models share an int32);
+        # on a GPU it draws per candidate.
+        ("dare_ties", "cpu", "bfloat16", 2),
         ("dare_ties", "cuda", "bfloat16", 0),
         ("task_arithmetic", "cpu", "float32", 0),
     ],

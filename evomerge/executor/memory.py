@@ -52,7 +52,7 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
         return 0
     method = validate(template)
     entries = _entries(MergeSources.open(template, method).reference)
-    return len(template.models) * entries * method.precompute_bytes(device, DTYPES[dtype])
+    return entries * method.precompute_bytes(device, DTYPES[dtype], len(template.models))
 
 
 def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:

@@ -3,6 +3,8 @@ TIES-merge (dare_ties) the sparse task vectors."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from evomerge.methods import fused
@@ -15,7 +17,15 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop, words_drawn
+from evomerge.methods.sparsify import (
+    DARE_STEPS,
+    bernoulli_words,
+    dare_keep_probability,
+    draw_dtype,
+    draws_words,
+    random_drop,
+    words_drawn,
+)
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
@@ -24,23 +34,46 @@ _REFERENCE = "https://arxiv.org/abs/2311.03099"
 # arithmetic. 2**17 (half a megabyte of float32) measured fastest for the same chunked TIES merge:
 # 0.42 s per candidate on the merge bench against 0.48 s at 2**18 and 0.64 s at 2**16.
 _CHUNK = 1 << 17
+# Where the k-th model's draws sit in its packed int32 row (see pack_draws): the high half for even k.
+_SHIFTS = (16, 0)
 
 
 def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor | None:
-    """Every draw DARE can take from ``generator`` for these task vectors, whatever the densities:
-    N rows of ``bernoulli_words``, the k-th model that drops (density < 1) taking row k.
+    """Every draw DARE can take from ``generator`` for these task vectors, whatever the densities, packed
+    (``pack_draws``): N rows of ``bernoulli_words``, the k-th model that drops (density < 1) taking row k.
 
     Drawing is most of what a DARE merge costs on CPU (one Mersenne Twister word per entry), and a
-    search merges the same resident task vectors under one seed again and again; the rows cost 4 bytes
-    per entry per model, as much as float32 task vectors. None where ``bernoulli`` draws another way
-    (on a GPU, in float64): those draw per call.
+    search merges the same resident task vectors under one seed again and again; packed, the draws
+    cost 2 bytes per entry per model. None where ``bernoulli`` draws another way (on a GPU, in
+    float64): those draw per call.
     """
-    return bernoulli_words(deltas.shape, generator) if draws_words(deltas) else None
+    return pack_draws(bernoulli_words(deltas.shape, generator)) if draws_words(deltas) else None
 
 
-def dare_draws_bytes(device: torch.device, dtype: torch.dtype) -> int:
-    """What ``dare_draws`` keeps per entry of each model: a float32 word where it keeps draws at all."""
-    return 4 if words_drawn(device, dtype) else 0
+def dare_draws_bytes(device: torch.device, dtype: torch.dtype, count: int) -> int:
+    """What ``dare_draws`` keeps per entry for ``count`` models: an int32 per two models where it keeps draws."""
+    return 4 * -(-count // 2) if words_drawn(device, dtype) else 0
+
+
+def pack_draws(words: torch.Tensor) -> torch.Tensor:
+    """``[N, *shape]`` 24-bit words (``bernoulli_words``) as ``[ceil(N / 2), numel]`` int32: row k's top 16
+    bits in the high half of packed row k // 2 for even k, the low half for odd k.
+
+    At DARE's keep probabilities (multiples of 2**-16, ``dare_keep_probability``) those bits decide each
+    mask, and two models' draws share one int32, which the compiled kernel loads and splits with integer
+    ops (it vectorizes int32, not int16).
+    """
+    top = words.reshape(words.shape[0], math.prod(words.shape[1:])).to(torch.int32).bitwise_right_shift_(8)
+    packed = top[0::2].bitwise_left_shift(_SHIFTS[0])
+    packed[: top[1::2].shape[0]].bitwise_or_(top[1::2])
+    return packed
+
+
+def _word_chunk(draws: torch.Tensor, row: int, span: slice) -> torch.Tensor:
+    """Row ``row`` of the packed draws over ``span`` as the words ``bernoulli`` compares: the top 16 bits
+    times 2**8, which compare with ``ceil(p * 2**24) = 2**8 * p * 2**16`` as the full words do."""
+    top = draws[row // 2, span].bitwise_right_shift(_SHIFTS[row % 2]).bitwise_and_(DARE_STEPS - 1)
+    return top.to(torch.float32).mul_(1 << 8)
 
 
 def _dare(
@@ -66,7 +99,8 @@ def _dare(
     if draws is None and draws_words(deltas):
         # Drawn live, the same words up front (one row per model that drops, in order), so the merge
         # can run in chunks here too.
-        draws = bernoulli_words(torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:])), generator)
+        rows = torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:]))
+        draws = pack_draws(bernoulli_words(rows, generator))
     if draws is None:
         dropped = torch.empty_like(deltas)
         for delta, keep, drop in zip(deltas, keeps, dropped, strict=True):
@@ -77,21 +111,21 @@ def _dare(
     count = deltas.shape[0]
     flat_base, flat_deltas = base.reshape(-1), deltas.reshape(count, -1)
     # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
-    rows = iter(draws.reshape(draws.shape[0], flat_base.numel()))
-    words = [next(rows) if keep < 1 else None for keep in keeps]
-    fusable = resident and sign_consensus and draw_dtype(deltas) == deltas.dtype and draws.shape[0] > 0
+    dropping = iter(range(count))
+    rows = [next(dropping) if keep < 1 else None for keep in keeps]
+    fusable = resident and sign_consensus and draw_dtype(deltas) == deltas.dtype and draws.numel() > 0
     if fusable and fused.worth_fusing(base):
         return _dare_ties_fused(
-            base, deltas, words, keeps, weight, normalize=normalize, rescale=rescale, lambda_=lambda_, out=out
+            base, deltas, draws, rows, keeps, weight, normalize=normalize, rescale=rescale, lambda_=lambda_, out=out
         )
     merged = torch.empty_like(flat_base) if out is None else out.view(-1)
     block = torch.empty(count, min(_CHUNK, flat_base.numel()), dtype=deltas.dtype, device=deltas.device)
     for start in range(0, flat_base.numel(), _CHUNK):
         span = slice(start, start + _CHUNK)
         dropped = block[:, : flat_base[span].numel()]
-        for delta, keep, row, drop in zip(flat_deltas, keeps, words, dropped, strict=True):
-            chunk = None if row is None else row[span]
-            random_drop(delta[span], keep, drop, rescale=rescale, generator=generator, words=chunk)
+        for delta, keep, row, drop in zip(flat_deltas, keeps, rows, dropped, strict=True):
+            words = None if row is None else _word_chunk(draws, row, span)
+            random_drop(delta[span], keep, drop, rescale=rescale, generator=generator, words=words)
         merge_task_vectors(
             flat_base[span],
             dropped,
@@ -107,7 +141,8 @@ def _dare(
 def _dare_ties_fused(
     base: torch.Tensor,
     deltas: torch.Tensor,
-    words: list[torch.Tensor | None],
+    draws: torch.Tensor,
+    rows: list[int | None],
     keeps: list[float],
     weight: torch.Tensor,
     *,
@@ -116,25 +151,26 @@ def _dare_ties_fused(
     lambda_: float,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """DARE-TIES in one compiled pass (see fused.py), given the words ``bernoulli`` compares: each
-    probability rounded to the deltas' dtype as ``random_drop`` rounds it, its cut ``ceil(p * 2**24)``;
-    a model kept whole keeps every word (cut 2**24) and divides by 1 (exact), so it is copied as live."""
-    probabilities = torch.tensor([min(keep, 1.0) for keep in keeps], dtype=deltas.dtype, device=deltas.device)
-    cuts = probabilities.float().mul(WORD_RANGE).ceil_()
+    """DARE-TIES in one compiled pass (see fused.py) over the packed draws: model k keeps the entries whose
+    16 draw bits are below ``p_k * 2**16`` (``random_drop``'s mask), and divides them by ``p_k``; a model
+    kept whole keeps every entry (cut 2**16, any row) and divides by 1 (exact), so it is copied as live."""
+    work = deltas.dtype
     # random_drop divides by the probability clamped to the smallest normal number (see _draw_and_mask).
-    probabilities.clamp_(min=torch.finfo(deltas.dtype).tiny)
-    spare = next(row for row in words if row is not None)
-    rows = [spare if row is None else row for row in words]
+    probabilities = [dare_keep_probability(keep, work) if keep < 1 else 1.0 for keep in keeps]
+    cuts = torch.tensor([round(p * DARE_STEPS) for p in probabilities], dtype=torch.int32, device=deltas.device)
+    divisors = torch.tensor(probabilities, dtype=work, device=deltas.device).clamp_(min=torch.finfo(work).tiny)
+    spare = next((row for row in rows if row is not None), 0)
+    slots = tuple((row // 2, _SHIFTS[row % 2]) for row in (spare if row is None else row for row in rows))
     out = torch.empty_like(base) if out is None else out
-    weights = weight.to(deltas.dtype)
-    return fused.ties_by_words(
+    return fused.ties_by_draws(
         out,
         base,
         deltas,
-        rows,
+        draws,
+        slots,
         cuts,
-        probabilities,
-        weights,
+        divisors,
+        weight.to(work),
         lambda_,
         normalize=normalize,
         rescale=rescale,

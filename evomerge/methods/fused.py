@@ -65,13 +65,14 @@ def ties_by_threshold(
     return out
 
 
-def ties_by_words(
+def ties_by_draws(
     out: torch.Tensor,
     base: torch.Tensor,
     deltas: torch.Tensor,
-    words: list[torch.Tensor],
+    draws: torch.Tensor,
+    slots: tuple[tuple[int, int], ...],
     cuts: torch.Tensor,
-    probabilities: torch.Tensor,
+    divisors: torch.Tensor,
     weights: torch.Tensor,
     lambda_: float,
     *,
@@ -79,12 +80,16 @@ def ties_by_words(
     rescale: bool,
     compiled: bool,
 ) -> torch.Tensor:
-    """DARE-TIES given the draws: model i keeps its entries with ``words[i] < cuts[i]`` (the mask
-    ``sparsify.bernoulli`` draws from the same words), divided by ``probabilities[i]`` when
-    ``rescale``. ``words`` and ``cuts`` float32 (24-bit integers), the rest in the deltas' dtype."""
-    kernel = _compile(_ties_by_words) if compiled else _ties_by_words
-    flat_words = [row.reshape(-1) for row in words]
-    arguments = (flat_words, cuts, probabilities, weights, lambda_)
+    """DARE-TIES given its packed draws (int32 ``[rows, numel]``, dare.py): model i reads the 16 bits at
+    ``slots[i]`` = (row, shift) and keeps its entries where they are below ``cuts[i]`` (int32), divided
+    by ``divisors[i]`` when ``rescale``. ``divisors`` and ``weights`` in the deltas' dtype.
+
+    The draws go in viewed as float32 and come back to int32 inside the kernel: inductor's C++ loads
+    int32 vectors through a scalar copy (torch 2.13, ``Vectorized<int32_t>::loadu`` with a count), which
+    halves the kernel's speed; a float32 load and a bit cast cost nothing.
+    """
+    kernel = _compile(_ties_by_draws) if compiled else _ties_by_draws
+    arguments = (draws.view(torch.float32), slots, cuts, divisors, weights, lambda_)
     _run(kernel, *_flat(out, base, deltas), *arguments, normalize=normalize, rescale=rescale)
     return out
 
@@ -102,11 +107,13 @@ def _ties_by_threshold(out, base, deltas, thresholds, weights, lambda_, *, norma
     return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
 
 
-def _ties_by_words(out, base, deltas, words, cuts, probabilities, weights, lambda_, *, normalize, rescale):
+def _ties_by_draws(out, base, deltas, draws, slots, cuts, divisors, weights, lambda_, *, normalize, rescale):
+    bits = draws.view(torch.int32)
     weighted = []
-    for delta, word, cut, p, w in zip(deltas, words, cuts, probabilities, weights, strict=True):
+    for delta, (row, shift), cut, p, w in zip(deltas, slots, cuts, divisors, weights, strict=True):
         kept = delta / p if rescale else delta
-        weighted.append(torch.where(word < cut, kept, 0.0) * w)
+        drawn = (bits[row] >> shift) & 0xFFFF
+        weighted.append(torch.where(drawn < cut, kept, 0.0) * w)
     return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
 
 

@@ -116,8 +116,9 @@ class MergeMethod:
     method works it out itself, possibly a cheaper way for a single use. A random method's precompute
     also takes the tensor's ``generator`` (DARE: the draws themselves, which depend on the seed and not
     on the densities), so a caller keeps its result per seed; it may return None where keeping nothing
-    is the better deal, and the method then draws per call. ``precompute_bytes(device, dtype)`` bounds
-    what it keeps: bytes per entry of each model's tensor (what a worker's memory check counts).
+    is the better deal, and the method then draws per call. ``precompute_bytes(device, dtype, count)``
+    bounds what it keeps for ``count`` models: bytes per entry of the merged tensor (what a worker's
+    memory check counts).
     """
 
     name: str
@@ -130,7 +131,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     precompute: Callable[..., object] | None = None
-    precompute_bytes: Callable[[torch.device, torch.dtype], int] = lambda device, dtype: 0
+    precompute_bytes: Callable[[torch.device, torch.dtype, int], int] = lambda device, dtype, count: 0
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -157,7 +158,7 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     precompute: Callable[..., object] | None = None,
-    precompute_bytes: Callable[[torch.device, torch.dtype], int] = lambda device, dtype: 0,
+    precompute_bytes: Callable[[torch.device, torch.dtype, int], int] = lambda device, dtype, count: 0,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
 

@@ -65,12 +65,12 @@ def magnitude_order(base: torch.Tensor, deltas: torch.Tensor) -> MagnitudeOrder:
     return MagnitudeOrder(ascending=torch.stack([sort_key(delta).sort().values for delta in deltas]))
 
 
-def magnitude_order_bytes(device: torch.device, dtype: torch.dtype) -> int:
-    """What ``magnitude_order`` keeps per entry of each task vector, at most: the sort key (float32 on
-    CPU for 16-bit dtypes) and the int32 sort order, which tensors whose cut splits equal magnitudes
-    add (in 16-bit dtypes, most of them)."""
+def magnitude_order_bytes(device: torch.device, dtype: torch.dtype, count: int) -> int:
+    """What ``magnitude_order`` keeps per entry for ``count`` task vectors, at most: each one's sort key
+    (float32 on CPU for 16-bit dtypes) and int32 sort order, which tensors whose cut splits equal
+    magnitudes add (in 16-bit dtypes, most of them)."""
     key = 4 if device.type == "cpu" and dtype.itemsize == 2 else dtype.itemsize
-    return key + 4
+    return count * (key + 4)
 
 
 @merge_method(
