@@ -7,9 +7,10 @@ import math
 
 import pytest
 
+from evomerge.errors import EvomergeError
 from evomerge.executor.worker import Outcome
 from evomerge.optimizer.optuna_sampler import TPEOptimizer
-from evomerge.search.loop import Budget
+from evomerge.search.loop import Budget, run_search
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.window import run_window_search
 from tests.test_search_checkpoint import drop_checkpoint_at
@@ -111,3 +112,30 @@ def test_failed_candidates_are_told_a_finite_penalty(tmp_path):
     worst_real = min(r["scores"][0] for r in logged if r["scores"] != [None])
     assert all(math.isfinite(v) for v in told)
     assert all(v < worst_real for v, r in zip(told, logged, strict=True) if r["scores"] == [None])
+
+
+def test_a_run_checkpointed_with_candidates_in_flight_is_not_resumed_by_the_generation_loop(tmp_path):
+    """Switching an asynchronous run to generations (in_flight=null, --force) would have to drop or re-ask
+    the candidates in flight: refused with the way out, the run folder untouched."""
+    with pytest.raises(KeyboardInterrupt):
+        search(tmp_path / "run", ShuffledEvaluator(spread=1, crash_after=9))
+    before = rows(tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    run.lock()
+    try:
+        with pytest.raises(EvomergeError, match="with 3 candidates in flight") as caught:
+            run_search(
+                run=run,
+                genome=genome(),
+                optimizer=tpe(),
+                evaluate=CountingEvaluator(),
+                objectives=OBJECTIVES,
+                budget=Budget(evaluations=30),
+            )
+    finally:
+        run.close()
+    assert "resume with the in_flight value" in str(caught.value)
+    assert rows(tmp_path / "run") == before
+    search(tmp_path / "run", CountingEvaluator())  # resumed as it was started, it finishes
+    search(tmp_path / "straight", CountingEvaluator())
+    assert rows(tmp_path / "run") == rows(tmp_path / "straight")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import weighted_sum
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate, Genome
@@ -55,6 +56,12 @@ def run_search(
 ) -> SearchState:
     """Drive the search until the budget is spent, checkpointing after every generation."""
     state, replay = resume_state(run, optimizer, n_objectives=len(objectives))
+    if optimizer.in_flight():
+        raise EvomergeError(
+            f"'{run.path}' was checkpointed by the asynchronous loop with {len(optimizer.in_flight())} candidates in "
+            "flight, which a generation loop (in_flight=null) cannot take over",
+            "resume with the in_flight value the run was started with (its config.yaml)",
+        )
     progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
