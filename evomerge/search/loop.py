@@ -55,13 +55,7 @@ def run_search(
     budget: Budget,
 ) -> SearchState:
     """Drive the search until the budget is spent, checkpointing after every generation."""
-    state, replay = resume_state(run, optimizer, n_objectives=len(objectives))
-    if optimizer.in_flight():
-        raise EvomergeError(
-            f"'{run.path}' was checkpointed by the asynchronous loop with {len(optimizer.in_flight())} candidates in "
-            "flight, which a generation loop (in_flight=null) cannot take over",
-            "resume with the in_flight value the run was started with (its config.yaml)",
-        )
+    state, replay = resume_state(run, optimizer, n_objectives=len(objectives), by_generation=True)
     progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
@@ -121,14 +115,24 @@ def close_batch(
     return now, saved
 
 
-def resume_state(run: RunFolder, optimizer: Optimizer, *, n_objectives: int) -> tuple[SearchState, dict[str, dict]]:
+def resume_state(
+    run: RunFolder, optimizer: Optimizer, *, n_objectives: int, by_generation: bool = False
+) -> tuple[SearchState, dict[str, dict]]:
     """The run's state from its checkpoint (the optimizer loaded with it), or a fresh one; and the rows
-    logged past the checkpoint, by key, for the candidates the resumed run will ask again."""
+    logged past the checkpoint, by key, for the candidates the resumed run will ask again.
+    ``by_generation``: for the generation loop, which cannot take over candidates the asynchronous
+    loop left in flight (refused before the log is touched)."""
     state = run.load_checkpoint()
     if state is None:
         state = SearchState(optimizer=optimizer.state_dict(), front=ParetoFront(n_objectives=n_objectives))
     else:
         optimizer.load_state_dict(state.optimizer)
+    if by_generation and optimizer.in_flight():
+        raise EvomergeError(
+            f"'{run.path}' was checkpointed by the asynchronous loop with {len(optimizer.in_flight())} candidates in "
+            "flight, which the generation loop (in_flight=null) cannot take over",
+            "resume with the in_flight value the run was started with (see its config.yaml)",
+        )
     kept, dropped = run.truncate_evaluations(state.evaluations)
     state.cache = {row["key"]: _cached(row) for row in kept if not row["cached"]}
     replay: dict[str, dict] = {}
