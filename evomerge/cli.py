@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--rank", type=int, default=1, help="export the N-th best candidate (default 1)")
     choice.add_argument("--pareto", action="store_true", help="export every Pareto-front candidate")
-    export.add_argument("--device", default="cpu")
+    export.add_argument("--device", default=None, help="where to merge (default: the device the run scored on)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
 

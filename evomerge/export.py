@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from evomerge.errors import EvomergeError
 from evomerge.materialize.dataflow_to_disk import write_dataflow_model
 from evomerge.materialize.to_disk import merge_to_disk
+from evomerge.methods import get_method
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.plain import recipe_from_plain
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
+
+log = logging.getLogger(__name__)
 
 
 def export_run(
@@ -19,19 +25,24 @@ def export_run(
     *,
     rank: int = 1,
     pareto: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Write the chosen candidates as model folders (recipe files and model card included).
 
+    ``device``: where to merge; by default the device the run scored on. A random method (DARE, DELLA)
+    draws its masks from the device's generator, so only there is the model written the one scored.
     A data-flow candidate is written layer by layer (no device needed); see dataflow_to_disk.py for
     when its folder needs ``trust_remote_code=True``."""
     run = RunFolder(run_dir)
+    config = OmegaConf.load(run.config_path)
+    scored_on = str(config.device)
+    device = device or scored_on
     state = run.load_checkpoint()
     if not isinstance(state, SearchState) or state.evaluations == 0:
         raise EvomergeError(f"'{run_dir}' has no checkpointed evaluations yet", "let the search finish a generation")
     rows = run.read_evaluations()[: state.evaluations]
-    objectives = [o["name"] for o in _objectives(run)]
+    objectives = [o.name for o in config.objectives]
     if pareto:
         # One model per distinct point of the front: candidates with equal scores are alternatives
         # the search could not tell apart, so the earliest stands for them.
@@ -55,6 +66,15 @@ def export_run(
         if isinstance(recipe, DataFlowRecipe):
             written.append(write_dataflow_model(recipe, target, overwrite=overwrite, scores=scores))
         else:
+            if get_method(recipe.method).random and _device_type(device) != _device_type(scored_on):
+                log.warning(
+                    "%s draws its masks from the device's random generator: merged on %s, this model is not the one "
+                    "the run scored on %s (export with --device %s for that one)",
+                    recipe.method,
+                    device,
+                    scored_on,
+                    scored_on,
+                )
             written.append(merge_to_disk(recipe, target, device=device, overwrite=overwrite, scores=scores))
     return written
 
@@ -69,7 +89,5 @@ def _ranked(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: -r["scores"][0])
 
 
-def _objectives(run: RunFolder) -> list[dict]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(run.config_path).objectives)
+def _device_type(device: str) -> str:
+    return device.split(":")[0]

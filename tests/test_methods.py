@@ -246,9 +246,9 @@ def test_runs_on_cuda_like_on_cpu(name: str) -> None:
     assert torch.equal(out, merged)  # random methods too: each call seeds a fresh generator
     if method.precompute is not None:
         inputs = (models - base if method.inputs == "deltas" else models).cuda()
-        cached = call(
-            name, base.cuda(), models.cuda(), **pruning(name), precomputed=method.precompute(base.cuda(), inputs)
-        )
+        extra = {"generator": torch.Generator(device="cuda").manual_seed(0)} if method.random else {}
+        precomputed = method.precompute(base.cuda(), inputs, **extra)
+        cached = call(name, base.cuda(), models.cuda(), **pruning(name), precomputed=precomputed)
         assert cached.device.type == "cuda" and torch.equal(cached, merged)
     if not method.random:
         torch.testing.assert_close(merged.cpu(), call(name, base, models, **pruning(name)), atol=1e-5, rtol=1e-5)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from evomerge.materialize.to_disk import merge_to_disk
 from evomerge.recipe.recipe import Recipe
 
@@ -31,4 +33,8 @@ def merge_ps_source(recipe: Recipe, run_dir: str | Path, *, device: str = "cpu")
     folder = ps_source_folder(run_dir)
     if not folder.exists():
         merge_to_disk(recipe, folder, device=device)
+        if torch.device(device).type == "cuda":
+            # The search's driver goes on to start the workers: the merge's cached blocks would hold
+            # memory on the GPU the first worker needs (and that its memory check does not see as free).
+            torch.cuda.empty_cache()
     return folder

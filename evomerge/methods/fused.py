@@ -154,6 +154,8 @@ def _run(kernel: Callable, *args, **options) -> torch.Tensor:
         return kernel(*args, **options)
     try:
         return kernel(*args, **options)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, not the compiler broken: the eager kernels need more memory, not less
     except Exception as error:  # noqa: BLE001 - any compiler failure leaves the eager function: same numbers
         _broken.append(f"{type(error).__name__}: {error}")
         log.warning("torch.compile failed; merging with eager kernels from now on (slower): %s", _broken[0])
