@@ -15,12 +15,13 @@ from dataclasses import replace
 
 import pytest
 import ray
+import torch
 from hydra import compose, initialize_config_dir
 
 from evomerge.config import CONF_DIR, check_config, register_configs
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
-from evomerge.executor.ray_pool import RayExecutor
+from evomerge.executor.ray_pool import RayExecutor, WorkerActor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
@@ -168,6 +169,69 @@ def test_a_worker_startup_error_reaches_the_driver_as_itself(local_ray, spec, tm
     while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
         time.sleep(0.1)
     assert ray.available_resources()["CPU"] == free  # the worker that reported the error was let go
+
+
+def device_fails_once(marker):
+    """A WorkerActor whose model runs out of GPU memory on the first candidate it materializes after
+    ``marker`` appears (the marker is then removed: a restarted worker sees a healthy device)."""
+
+    class FlakyDevice(WorkerActor):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            materialize = self.worker.merger.materialize
+
+            def failing(recipe):
+                if marker.exists():
+                    marker.unlink()
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+                return materialize(recipe)
+
+            self.worker.merger.materialize = failing
+
+    return FlakyDevice
+
+
+@pytest.mark.e2e
+def test_a_worker_whose_device_fails_is_restarted_and_its_candidate_run_again(
+    local_ray, spec, candidates, serial_metrics, tmp_path, monkeypatch
+):
+    """Out of memory or a CUDA error leaves a worker's process suspect: it exits, Ray restarts it, and the
+    candidate is scored again (a try counted), not scored worst by a worker that stays broken."""
+    marker = tmp_path / "fail-next"
+    monkeypatch.setattr("evomerge.executor.ray_pool.WorkerActor", device_fails_once(marker))
+    executor = RayExecutor(spec=spec, num_workers=1, address=None, threads=1, max_tries=2, timeout_s=None)
+    try:
+        before = executor.worker_pids()
+        marker.touch()
+        outcomes = by_position(executor.evaluate(candidates[:3]))
+        after = executor.worker_pids()
+    finally:
+        executor.close()
+    assert not marker.exists()  # the device did fail, once
+    assert [o.error for o in outcomes] == [None] * 3
+    assert [o.metrics for o in outcomes] == serial_metrics[:3]
+    assert len(before) == len(after) == 1 and before != after  # a new process
+
+
+def test_the_serial_executor_stops_on_a_device_failure_and_says_to_resume(spec, candidates):
+    """In one process there is nothing to restart: the search stops with the way on (a resume scores the
+    candidate again in a fresh process); a candidate's own error still only fails that candidate."""
+    executor = SerialExecutor(spec=spec, threads=1)
+
+    def fails(recipe):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    executor.worker.merger.materialize = fails
+    with pytest.raises(EvomergeError, match="illegal memory access") as caught:
+        list(executor.evaluate(candidates[:2]))
+    assert "evomerge resume RUN_DIR" in str(caught.value)
+
+    def bad_candidate(recipe):
+        raise ValueError("della: density 0.9 with epsilon 0.15 gives keep probabilities outside (0, 1)")
+
+    executor.worker.merger.materialize = bad_candidate
+    (position, outcome), *_ = executor.evaluate(candidates[:2])
+    assert position == 0 and outcome.metrics is None and outcome.error.startswith("ValueError: della")
 
 
 GENERATIONS = ("optimizer.popsize=4",)  # CMA-ES, generations of 4

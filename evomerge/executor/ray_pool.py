@@ -10,8 +10,8 @@ behind its running one (Ray runs an actor's calls in order), so it starts the ne
 finishes instead of after a round trip to the driver. The last candidates of a batch go only to
 actors that are free, so none waits behind a slow candidate while another actor has nothing to do.
 
-An actor that dies mid-candidate (killed, CUDA error, out of memory) is restarted by Ray and the
-candidate queued again; one that runs past ``timeout_s`` is killed to the same effect. After
+An actor that dies mid-candidate (killed, or ended by its own ``DeviceFailure``: a CUDA error, out
+of memory) is restarted by Ray and the candidate queued again; one that runs past ``timeout_s`` is killed to the same effect. After
 ``max_tries`` such deaths the candidate comes back as a failed Outcome, which the loop scores worst.
 A candidate queued behind the one that died never ran: it is queued again without counting a try.
 """
@@ -19,6 +19,7 @@ A candidate queued behind the one that died never ran: it is queued again withou
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from evomerge.errors import EvomergeError
-from evomerge.executor.worker import Outcome, Worker, WorkerSpec
+from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
 
 
@@ -52,7 +53,15 @@ class WorkerActor:
         return os.getpid(), self.startup_error
 
     def evaluate(self, recipe: Recipe) -> Outcome:
-        return self.worker.evaluate(recipe)
+        try:
+            return self.worker.evaluate(recipe)
+        except DeviceFailure as failure:
+            # Out of memory or a CUDA error: end this process, as a kill would. Ray restarts the actor
+            # and the pool runs the candidate again, counting a try.
+            print(
+                f"evomerge worker {os.getpid()}: {failure}; exiting for Ray to restart it", file=sys.stderr, flush=True
+            )
+            os._exit(1)
 
 
 @dataclass

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
-from evomerge.executor.worker import Outcome, Worker, WorkerSpec
+from evomerge.errors import EvomergeError
+from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
 
 
@@ -22,7 +23,18 @@ class SerialExecutor:
         """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once.
         Candidates appended to ``recipes`` meanwhile are scored too (a list iterator sees them)."""
         for position, recipe in enumerate(recipes):
-            yield position, self.worker.evaluate(recipe)
+            try:
+                outcome = self.worker.evaluate(recipe)
+            except DeviceFailure as failure:
+                raise EvomergeError(
+                    f"the device failed while scoring a candidate ({failure}); after a CUDA error this process "
+                    "cannot use the GPU again",
+                    "resume the run (`evomerge resume RUN_DIR`): it scores that candidate again in a fresh process. "
+                    "If it fails there too, free GPU memory (dtype=bfloat16, fewer models, a smaller lm-eval batch), "
+                    "or use executor=ray, which restarts a failed worker and after executor.max_tries scores the "
+                    "candidate worst",
+                ) from failure
+            yield position, outcome
 
     def close(self) -> None:
         self.worker = None

@@ -14,6 +14,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import torch
+
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.executor.memory import check_sources_fit
 from evomerge.materialize.dataflow import DataFlowRouter
@@ -40,6 +42,19 @@ class Outcome:
     seconds: float
 
 
+class DeviceFailure(Exception):
+    """The device failed under a candidate: out of memory, or a CUDA error (which leaves the process's
+    CUDA context unusable). The candidate is not yet to blame, and this process may be: the Ray pool
+    restarts the worker's process and runs the candidate again (up to ``executor.max_tries``); the
+    serial executor stops the search, which a resume continues in a fresh process."""
+
+
+def _is_device_failure(error: Exception) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, torch.AcceleratorError)):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error" in str(error)  # raised as a plain RuntimeError by some ops
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,7 +77,8 @@ class Worker:
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
 
     def evaluate(self, recipe: Recipe | DataFlowRecipe) -> Outcome:
-        """Materialize and score one candidate; a failure becomes an Outcome, never an exception."""
+        """Materialize and score one candidate; a failure of the candidate becomes an Outcome, one of the
+        device a ``DeviceFailure``."""
         start = time.perf_counter()
         try:
             self.merger.materialize(recipe)
@@ -70,6 +86,8 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
             # outside (0, 1)) must not end the search: it is logged and scored as the worst.
             detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            if _is_device_failure(error):
+                raise DeviceFailure(detail) from error
             return Outcome(metrics=None, error=detail, seconds=time.perf_counter() - start)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         error = f"non-finite metric(s): {', '.join(bad)}" if bad else None
