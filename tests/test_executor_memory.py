@@ -52,3 +52,32 @@ def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_is_re
     assert "use task_arithmetic" in message
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed)
     check_sources_fit(template, device=torch.device("cpu"), dtype="float32")
+
+
+def test_a_restarted_worker_waits_for_its_device_memory_to_come_free(monkeypatch):
+    """A worker restarted after a kill may find the memory of the process it replaces not yet given back:
+    it retries the memory check for a while instead of stopping the search. A first start does not wait,
+    and no other startup error is retried."""
+    from evomerge.executor import ray_pool
+    from evomerge.executor.memory import SourcesDoNotFit
+
+    attempts = []
+
+    def worker(spec, failures=2, error=SourcesDoNotFit):
+        attempts.append(spec)
+        if len(attempts) <= failures:
+            raise error("the worker on cuda needs 10 bytes but only 5 are free", "free some memory")
+        return "a worker"
+
+    monkeypatch.setattr(ray_pool.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(ray_pool, "Worker", worker)
+    assert ray_pool.start_worker("spec", patience_s=60.0) == "a worker" and len(attempts) == 3
+    attempts.clear()
+    with pytest.raises(SourcesDoNotFit):
+        ray_pool.start_worker("spec", patience_s=0.0)
+    assert len(attempts) == 1
+    attempts.clear()
+    monkeypatch.setattr(ray_pool, "Worker", lambda spec: worker(spec, error=EvomergeError))
+    with pytest.raises(EvomergeError):
+        ray_pool.start_worker("spec", patience_s=60.0)
+    assert len(attempts) == 1

@@ -55,6 +55,10 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
     return entries * method.precompute_bytes(device, DTYPES[dtype], len(template.models))
 
 
+class SourcesDoNotFit(EvomergeError):
+    """The device lacks the free memory to hold a worker's sources (see ``check_sources_fit``)."""
+
+
 def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:
     """Refuse to load sources that would not fit ``device`` (activations come on top of this bound)."""
     resident, copies = resident_bytes(template, dtype)
@@ -67,7 +71,7 @@ def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device
     if kept:
         what += f", and up to {kept / 2**30:.2f} GiB that {template.method} keeps to merge each candidate fast"
     smaller = "use dtype=bfloat16 (half of float32), " if dtype == "float32" else ""
-    raise EvomergeError(
+    raise SourcesDoNotFit(
         f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {what}) but only {available:,} "
         f"bytes ({available / 2**30:.2f} GiB) are free there",
         f"{smaller}merge fewer models{', or use task_arithmetic (keeps nothing extra)' if kept else ''}, or run on a "

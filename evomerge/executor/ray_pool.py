@@ -30,6 +30,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from evomerge.errors import EvomergeError
+from evomerge.executor.memory import SourcesDoNotFit
 from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
 
@@ -42,8 +43,9 @@ class WorkerActor:
         torch.set_num_threads(threads)
         self.worker: Worker | None = None
         self.startup_error: tuple[str, str] | None = None
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
         try:
-            self.worker = Worker(spec)
+            self.worker = start_worker(spec, patience_s=RESTART_PATIENCE_S if restarted else 0.0)
         except EvomergeError as error:
             self.startup_error = (error.problem, error.fix)
 
@@ -62,6 +64,26 @@ class WorkerActor:
                 f"evomerge worker {os.getpid()}: {failure}; exiting for Ray to restart it", file=sys.stderr, flush=True
             )
             os._exit(1)
+
+
+# How long a restarted worker waits for its device's memory to come free before it reports the shortage.
+RESTART_PATIENCE_S = 60.0
+
+
+def start_worker(spec: WorkerSpec, *, patience_s: float) -> Worker:
+    """``Worker(spec)``, retried for up to ``patience_s`` while the sources do not fit the device.
+
+    A worker restarted after a kill (a timeout, a device failure) may find the memory of the process it
+    replaces not yet given back (a process stuck in a CUDA kernel exits late); without the wait, that
+    one moment would stop the whole search with a memory error."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return Worker(spec)
+        except SourcesDoNotFit:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 @dataclass
