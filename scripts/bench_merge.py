@@ -135,12 +135,11 @@ def top_ops(fn: Callable[[], object], *, device: torch.device, count: int = 4) -
     return ", ".join(f"`{name}` {value / total:.0%}" for name, value in ranked)
 
 
-def bandwidth_floor(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, int]:
+def bandwidth_floor(recipe: Recipe, *, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
     """(a): one elementwise pass that reads every source tensor once and writes one output per name.
 
     ``add`` (2 inputs) and ``addcmul`` (3) are single fused kernels: N reads and one write per entry,
-    the traffic no merge of these inputs can go below. Returns (fastest seconds, bytes moved): the
-    fastest pass, since a floor is what the machine can do, and other processes here only slow it.
+    the traffic no merge of these inputs can go below. Returns the pass, warmed up, and the bytes it moves.
     """
     paths = ([recipe.base] if get_method(recipe.method).needs_base else []) + recipe.model_paths
     checkpoints = [Checkpoint.open(path) for path in paths]
@@ -153,12 +152,12 @@ def bandwidth_floor(recipe: Recipe, *, device: torch.device, dtype: torch.dtype,
             kernel(*group, out=out)
 
     one_pass()
-    seconds = min(timings(one_pass, repeats=repeats, device=device))
-    return seconds, sum((len(group) + 1) * group[0].nbytes for group in groups)
+    return one_pass, sum((len(group) + 1) * group[0].nbytes for group in groups)
 
 
-def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
-    """(b): the search's hot path, one merger built once and ``materialize`` timed."""
+def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], dict]:
+    """(b): the search's hot path, one merger built once; returns ``materialize`` (warmed up) and what its
+    first call cost and left behind."""
     model = LlamaForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
     merger = InPlaceMerger(model=model, template=recipe)
     if device.type == "cuda":
@@ -167,10 +166,25 @@ def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeat
     # precompute (TIES: one sort per task vector) and compiles the fused kernels (TIES, DARE-TIES), once per search.
     first = timings(lambda: merger.materialize(recipe), repeats=1, device=device)[0]
     kept = sum(t.nbytes for known in merger._precomputed.values() for t in known.values() if t is not None)
-    seconds = statistics.median(timings(lambda: merger.materialize(recipe), repeats=repeats, device=device))
-    ops = top_ops(lambda: merger.materialize(recipe), device=device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"b": seconds, "b_first": first, "kept": kept, "ops": ops, "peak_device": peak}
+    return (lambda: merger.materialize(recipe)), {"b_first": first, "kept": kept, "peak_device": peak}
+
+
+def floor_and_in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
+    """(a) and (b) in alternation, one call of each per round, so that both meet the same machine (on a
+    shared one, other work comes and goes in bursts): each figure is the median over the rounds, b/a the
+    median of the rounds' ratios."""
+    materialize, row = in_place(recipe, device=device, dtype=dtype)  # first: its peak device memory is its own
+    floor, moved = bandwidth_floor(recipe, device=device, dtype=dtype)
+    pairs = [
+        (timings(floor, repeats=1, device=device)[0], timings(materialize, repeats=1, device=device)[0])
+        for _ in range(rounds)
+    ]
+    row["a"], row["b"] = (statistics.median(times) for times in zip(*pairs, strict=True))
+    row["ratio"] = statistics.median(b / a for a, b in pairs)
+    row["gbps"] = moved / row["a"] / 1e9
+    row["ops"] = top_ops(materialize, device=device)
+    return row
 
 
 # Each tool's console script (`from X import main; sys.exit(main())`) with a clock read once the
@@ -256,9 +270,7 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
     runs.mkdir(parents=True)
     (runs / "recipe.yaml").write_text(recipe.to_yaml())
     (runs / "mergekit.yml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
-    row = in_place(recipe, device=device, dtype=dtype, repeats=args.repeats)
-    row["a"], moved = bandwidth_floor(recipe, device=device, dtype=dtype, repeats=args.repeats)
-    row["gbps"] = moved / row["a"] / 1e9
+    row = floor_and_in_place(recipe, device=device, dtype=dtype, rounds=args.repeats)
     commands = {
         "c": [*tools["evomerge"], "merge", str(runs / "recipe.yaml"), str(runs / "evomerge"), *tools["evomerge_flags"]]
     }
@@ -302,7 +314,7 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
     verdicts = []
     for method, r in rows.items():
         peak = f", {r['peak_device'] / 2**30:.1f} GiB peak on device" if r["peak_device"] else ""
-        b_ratio = r["b"] / r["a"]
+        b_ratio = r["ratio"]
         cells = [
             method,
             f"{r['a'] * 1e3:.0f} ms, {r['gbps']:.1f} GB/s",
@@ -356,7 +368,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--methods", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls of (a) and (b), after one warm-up")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of (a) and (b) in turn, after one warm-up")
     parser.add_argument("--runs", type=int, default=3, help="fresh-process runs of (c) and (d), taking turns")
     parser.add_argument("--scale", type=float, default=1.0, help="model width and depth multiplier (default 1)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"), help="model cache and outputs")
@@ -417,10 +429,11 @@ def main() -> None:
         f"shards; fine-tunes = base + N(0, {NOISE}²). All reads hit the page cache.",
         "- (a): one fused `add` (2 inputs) or `addcmul` (3 inputs) per tensor over sources resident on the device, "
         "N reads + 1 write per entry: the least any merge moves. (b): `InPlaceMerger.materialize` into a loaded "
-        f"model, sources resident, median of {args.repeats} after a warm-up (the first call, which also computes what "
-        "the method declares as its precompute and compiles TIES' and DARE-TIES' fused kernels, is timed apart, with "
-        "the memory that precompute keeps on the device beside the resident sources); one more call runs under torch.profiler "
-        f"and names the ops below. (a) is the fastest of {args.repeats} after a warm-up.",
+        "model, sources resident (the first call, which also computes what the method declares as its precompute and "
+        "compiles TIES' and DARE-TIES' fused kernels, is timed apart, with the memory that precompute keeps on the "
+        f"device beside the resident sources). After a warm-up, (a) and (b) run in turn for {args.repeats} rounds, "
+        "so both meet the same load: (a) and (b) are the medians, b/a the median of the rounds' ratios. One more "
+        "call of (b) runs under torch.profiler and names the ops below.",
         f"- (c): `{shlex.join(['evomerge', 'merge', 'RECIPE', 'OUT', *tools['evomerge_flags']])}`. (d): "
         f"`{shlex.join(['mergekit-yaml', 'CONFIG', 'OUT', *tools['mergekit_flags']])}` ({mergekit or 'not found'}) "
         "on `to_mergekit(recipe)`. Each runs its console script's entry point in a fresh process that notes when its "

@@ -91,8 +91,8 @@ def _dare(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """Drop, rescale and merge; with the draws known (kept, or drawn first on CPU) every step is
-    elementwise: kept draws on a large tensor merge in one compiled pass (fused.py, DARE-TIES), the
-    rest a chunk at a time (small temporaries)."""
+    elementwise: DARE-TIES over kept draws merges in one pass (fused.py, compiled for large tensors),
+    the rest a chunk at a time (small temporaries)."""
     keeps = density.tolist()
     # Draws kept across calls mean a caller merging again and again (the in-place path): worth compiling for.
     resident = draws is not None
@@ -113,8 +113,9 @@ def _dare(
     # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
     dropping = iter(range(count))
     rows = [next(dropping) if keep < 1 else None for keep in keeps]
-    fusable = resident and sign_consensus and draw_dtype(deltas) == deltas.dtype and draws.numel() > 0
-    if fusable and fused.worth_fusing(base):
+    if resident and sign_consensus and draw_dtype(deltas) == deltas.dtype and draws.numel() > 0:
+        # One pass, compiled where the tensor is large enough to pay for the call; a small one (a norm's
+        # weight) runs the same function eagerly, a couple of dozen small ops instead of the chunked path's sixty.
         return _dare_ties_fused(
             base, deltas, draws, rows, keeps, weight, normalize=normalize, rescale=rescale, lambda_=lambda_, out=out
         )
@@ -151,7 +152,7 @@ def _dare_ties_fused(
     lambda_: float,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """DARE-TIES in one compiled pass (see fused.py) over the packed draws: model k keeps the entries whose
+    """DARE-TIES in one pass (see fused.py) over the packed draws: model k keeps the entries whose
     16 draw bits are below ``p_k * 2**16`` (``random_drop``'s mask), and divides them by ``p_k``; a model
     kept whole keeps every entry (cut 2**16, any row) and divides by 1 (exact), so it is copied as live."""
     work = deltas.dtype
@@ -174,7 +175,7 @@ def _dare_ties_fused(
         lambda_,
         normalize=normalize,
         rescale=rescale,
-        compiled=True,
+        compiled=fused.worth_fusing(base),
     )
 
 

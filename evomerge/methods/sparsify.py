@@ -18,6 +18,7 @@ its density rounded up to a multiple of 2**-16: ``dare_keep_probability``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,6 +102,7 @@ def random_drop(
     _draw_and_mask(delta, keep_probability, out, rescale=rescale, generator=generator, words=words)
 
 
+@functools.lru_cache(maxsize=1024)  # per model and tensor for every candidate; few distinct arguments at a time
 def dare_keep_probability(density: float, dtype: torch.dtype) -> float:
     """The probability DARE keeps an entry with at ``density``: the density rounded to the draw dtype
     (as any Bernoulli draw in that dtype rounds it), then up to a multiple of 2**-16, which moves it by
