@@ -282,7 +282,7 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
             *tools["mergekit_flags"],
         ]
     # (c) and (d) take turns, --runs times each, so a burst of other work on the machine slows both; each
-    # figure is the median of its runs, peak RSS the highest.
+    # figure is the median of its runs, d/c the median of the turns' ratios, peak RSS the highest.
     samples: dict[str, list[tuple[float, float, int]]] = {key: [] for key in commands}
     for _ in range(args.runs):
         for key, command in commands.items():
@@ -294,6 +294,8 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
             statistics.median(startups),
             max(peaks),
         )
+    if "d" in samples:
+        row["speedup"] = statistics.median(d[0] / c[0] for c, d in zip(samples["c"], samples["d"], strict=True))
     row["phases"] = to_disk_phases(recipe, runs / "profiled", device=args.device, dtype=args.dtype)
     shutil.rmtree(runs / "profiled")
     if tools["mergekit"]:
@@ -334,7 +336,7 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
                     f"rate is {1000 * floor:.0f} ms, and (b) is {r['b'] / floor:.1f}× that"
                 )
         if "d" in r:
-            speed, engine = r["d"] / r["c"], (r["d"] - r["start_d"]) / (r["c"] - r["start_c"])
+            speed, engine = r["speedup"], (r["d"] - r["start_d"]) / (r["c"] - r["start_c"])
             diff = "random method" if r["diff"] is None else f"{r['diff']:.1e}"
             cells += [f"{r['d']:.1f} s ({r['start_d']:.1f} s start-up)", f"{speed:.2f}×", f"{engine:.2f}×"]
             cells += [mb(r["rss_c"]), mb(r["rss_d"]), diff]
@@ -369,7 +371,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--methods", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
     parser.add_argument("--repeats", type=int, default=9, help="rounds of (a) and (b) in turn, after one warm-up")
-    parser.add_argument("--runs", type=int, default=3, help="fresh-process runs of (c) and (d), taking turns")
+    parser.add_argument("--runs", type=int, default=5, help="fresh-process runs of (c) and (d), taking turns")
     parser.add_argument("--scale", type=float, default=1.0, help="model width and depth multiplier (default 1)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"), help="model cache and outputs")
     parser.add_argument("--mergekit-yaml", default=None, help="mergekit-yaml to compare with (default: found)")
@@ -438,7 +440,8 @@ def main() -> None:
         f"`{shlex.join(['mergekit-yaml', 'CONFIG', 'OUT', *tools['mergekit_flags']])}` ({mergekit or 'not found'}) "
         "on `to_mergekit(recipe)`. Each runs its console script's entry point in a fresh process that notes when its "
         "imports are done (start-up); wall time includes start-up; peak RSS is that process's own `ru_maxrss`. "
-        f"(c) and (d) take turns, {args.runs} runs each: times are medians, peak RSS the highest.",
+        f"(c) and (d) take turns, {args.runs} runs each: times are medians, d/c the median of the turns' ratios, "
+        "peak RSS the highest.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
