@@ -35,12 +35,12 @@ def export_run(
     A data-flow candidate is written layer by layer (no device needed); see dataflow_to_disk.py for
     when its folder needs ``trust_remote_code=True``."""
     run = RunFolder(run_dir)
-    config = OmegaConf.load(run.config_path)
-    scored_on = str(config.device)
-    device = device or scored_on
     state = run.load_checkpoint()
     if not isinstance(state, SearchState) or state.evaluations == 0:
         raise EvomergeError(f"'{run_dir}' has no checkpointed evaluations yet", "let the search finish a generation")
+    config = OmegaConf.load(run.config_path)
+    scored_on = str(config.device)
+    device = device or scored_on
     rows = run.read_evaluations()[: state.evaluations]
     objectives = [o.name for o in config.objectives]
     if pareto:

@@ -11,8 +11,9 @@ finishes instead of after a round trip to the driver. The last candidates of a b
 actors that are free, so none waits behind a slow candidate while another actor has nothing to do.
 
 An actor that dies mid-candidate (killed, or ended by its own ``DeviceFailure``: a CUDA error, out
-of memory) is restarted by Ray and the candidate queued again; one that runs past ``timeout_s`` is killed to the same effect. After
-``max_tries`` such deaths the candidate comes back as a failed Outcome, which the loop scores worst.
+of memory) is restarted by Ray and the candidate queued again; one that runs past ``timeout_s`` is
+killed to the same effect. After ``max_tries`` such deaths the candidate comes back as a failed
+Outcome, which the loop scores worst.
 A candidate queued behind the one that died never ran: it is queued again without counting a try.
 """
 
