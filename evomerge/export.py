@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from evomerge.errors import EvomergeError
@@ -66,7 +67,7 @@ def export_run(
         if isinstance(recipe, DataFlowRecipe):
             written.append(write_dataflow_model(recipe, target, overwrite=overwrite, scores=scores))
         else:
-            if get_method(recipe.method).random and _device_type(device) != _device_type(scored_on):
+            if get_method(recipe.method).random and torch.device(device).type != torch.device(scored_on).type:
                 log.warning(
                     "%s draws its masks from the device's random generator: merged on %s, this model is not the one "
                     "the run scored on %s (export with --device %s for that one)",
@@ -87,7 +88,3 @@ def _ranked(rows: list[dict]) -> list[dict]:
             seen.add(row["key"])
             out.append(row)
     return sorted(out, key=lambda r: -r["scores"][0])
-
-
-def _device_type(device: str) -> str:
-    return device.split(":")[0]

@@ -24,7 +24,6 @@ from evomerge.methods.sparsify import (
     draw_dtype,
     draws_words,
     random_drop,
-    words_drawn,
 )
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
@@ -47,12 +46,12 @@ def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Gen
     cost 2 bytes per entry per model. None where ``bernoulli`` draws another way (on a GPU, in
     float64): those draw per call.
     """
-    return pack_draws(bernoulli_words(deltas.shape, generator)) if draws_words(deltas) else None
+    return pack_draws(bernoulli_words(deltas.shape, generator)) if draws_words(deltas.device, deltas.dtype) else None
 
 
 def dare_draws_bytes(device: torch.device, dtype: torch.dtype, count: int) -> int:
     """What ``dare_draws`` keeps per entry for ``count`` models: an int32 per two models where it keeps draws."""
-    return 4 * -(-count // 2) if words_drawn(device, dtype) else 0
+    return 4 * -(-count // 2) if draws_words(device, dtype) else 0
 
 
 def pack_draws(words: torch.Tensor) -> torch.Tensor:
@@ -96,7 +95,7 @@ def _dare(
     keeps = density.tolist()
     # Draws kept across calls mean a caller merging again and again (the in-place path): worth compiling for.
     resident = draws is not None
-    if draws is None and draws_words(deltas):
+    if draws is None and draws_words(deltas.device, deltas.dtype):
         # Drawn live, the same words up front (one row per model that drops, in order), so the merge
         # can run in chunks here too.
         rows = torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:]))

@@ -214,20 +214,16 @@ def bernoulli(
     touched.
     """
     if words is None:
-        if not draws_words(probability):
+        if not draws_words(probability.device, probability.dtype):
             return torch.bernoulli(probability.expand(shape), generator=generator)
         words = bernoulli_words(shape, generator)
     cut = probability.float().mul(WORD_RANGE).ceil_()
     return torch.rsub(words, cut).clamp_(0, 1).to(probability.dtype)
 
 
-def draws_words(probability: torch.Tensor) -> bool:
-    """Whether ``bernoulli`` draws as ``bernoulli_words`` for these probabilities, or for the
-    probabilities of these task vectors (on CPU, in any dtype but float64)."""
-    return words_drawn(probability.device, probability.dtype)
-
-
-def words_drawn(device: torch.device, dtype: torch.dtype) -> bool:
+def draws_words(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``bernoulli`` draws as ``bernoulli_words`` for probabilities (or task vectors) on
+    ``device`` in ``dtype``: on CPU, in any dtype but float64."""
     return device.type == "cpu" and dtype != torch.float64
 
 
