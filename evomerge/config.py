@@ -17,7 +17,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from evomerge.errors import EvomergeError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs ship inside the package, so `pip install .` gives a working `evomerge search` from any
+# folder; the repository's top-level conf/ is a link to this folder, for readers.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class DType(str, Enum):

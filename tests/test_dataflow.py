@@ -3,6 +3,8 @@ the KV cache, the genome's map worked by hand, recipes and their errors."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import yaml
@@ -168,3 +170,16 @@ def test_the_passthrough_config_opens_and_closes_with_the_embedding_source(sourc
     ]
     with pytest.raises(ValueError):
         to_passthrough(recipe(sources, (0, 0, 1.1)))
+
+
+def test_the_decoder_layer_still_takes_its_cache_by_a_known_name():
+    # PathLayer re-files the KV cache a model hands its decoder layers under the layer's path position,
+    # looking for it under one of CACHE_ARGUMENTS. A release that renames the argument again would
+    # bypass the re-filing silently (positions sharing a slot): this names the change instead.
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+    from evomerge.materialize.dataflow import CACHE_ARGUMENTS
+
+    layer_arguments = inspect.signature(LlamaDecoderLayer.forward).parameters
+    assert any(name in layer_arguments for name in CACHE_ARGUMENTS), list(layer_arguments)
+    assert any(f"{name}={name}" in inspect.getsource(LlamaModel.forward) for name in CACHE_ARGUMENTS)

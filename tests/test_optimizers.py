@@ -29,7 +29,7 @@ from evomerge.optimizer import (
 )
 from evomerge.optimizer.cmaes import CMAESOptimizer
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+CONF_DIR = Path(__file__).resolve().parents[1] / "evomerge" / "conf" / "optimizer"
 SHRINK = {
     "cmaes": {},
     "nsga2": {"population_size": 10},

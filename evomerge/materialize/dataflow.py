@@ -87,12 +87,24 @@ class PathLayer(nn.Module):
         self.position = position
         self.scale = scale
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
-        if past_key_values is not None:
-            past_key_values = PositionCache(cache=past_key_values, position=self.position)
-        return self.layer(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        name = cache_argument(kwargs)
+        if name is not None:
+            kwargs[name] = PositionCache(cache=kwargs[name], position=self.position)
+        return self.layer(hidden_states, *args, **kwargs)
+
+
+# transformers < 5.24 hands a decoder layer its KV cache as ``past_key_values``; 5.24 renamed it ``cache``
+# (the old name is accepted until 5.40). Whichever name the model used is the one passed on.
+# tests/test_dataflow.py::test_the_decoder_layer_still_takes_its_cache_by_a_known_name fails when it changes.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict) -> str | None:
+    """The name under which the model handed its decoder layer a KV cache, or None without one."""
+    return next((name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
 
 
 class DataFlowRouter:

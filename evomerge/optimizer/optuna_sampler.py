@@ -1,11 +1,18 @@
 """NSGA-II and TPE through optuna's samplers, on an in-memory study mirrored to run_dir/optuna.db.
 
-Resume never reads optuna.db: the file cannot hold the sampler's random state, and a kill between the
-file's refresh and the loop's checkpoint leaves it a generation ahead. `state_dict()` holds the pickled
-sampler (optuna's documented way to resume a sampler), the completed trials with their system attrs,
-and the study's system attrs; NSGA-II keeps its generation bookkeeping in those attrs, so the rebuilt
-study is the one the sampler left. Asked one at a time, the trials in flight are in it too, as running
-trials (TPE's constant liar counts them); a whole generation in flight is not (it is asked again).
+The study is the whole state. Each trial is asked from a sampler built afresh with a seed derived from
+the run's seed and the trial's number (`trial_seed`), so no sampler object carries state from one ask
+to the next: nothing but the study's trials and system attrs has to survive a resume. (Pickling the
+sampler, optuna's older advice, broke with optuna 5.1, whose NSGA-II sampler holds a thread lock.)
+NSGA-II keeps its generation bookkeeping in the study's system attrs, so the rebuilt study is the one
+the sampler left.
+
+Resume never reads optuna.db: a kill between the file's refresh and the loop's checkpoint leaves it a
+generation ahead. `state_dict()` holds the completed trials with their system attrs and the study's
+system attrs. Asked one at a time, the trials in flight are in it too, as running trials (TPE's
+constant liar counts them); a whole generation in flight is not (it is asked again). A checkpoint
+written before this scheme also holds a pickled sampler, which is ignored: such a run resumes with the
+per-trial seeds, so its later proposals differ from those the old version would have made.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ import datetime
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,8 +42,9 @@ _WRITTEN_KEY = "evomerge:written"
 
 
 class OptunaOptimizer(Optimizer):
-    """Asks `batch_size` trials per generation from `sampler` on a study maximizing every objective, or
-    one trial at a time (optuna.db is then refreshed after every `batch_size` trials told)."""
+    """Asks `batch_size` trials per generation on a study maximizing every objective, or one trial at a
+    time (optuna.db is then refreshed after every `batch_size` trials told). `sampler(seed)` builds the
+    sampler that asks one trial."""
 
     asks_one_at_a_time = True
 
@@ -45,26 +53,28 @@ class OptunaOptimizer(Optimizer):
         *,
         space: SearchSpace,
         n_objectives: int,
-        sampler: optuna.samplers.BaseSampler,
+        sampler: Callable[[int], optuna.samplers.BaseSampler],
+        seed: int,
         batch_size: int,
         run_dir: Path | str | None,
     ) -> None:
         super().__init__(space=space, n_objectives=n_objectives)
         self.batch_size = batch_size
+        self._sampler = sampler
+        self._seed = seed
         self._distributions: dict[str, BaseDistribution] = {
             dim.name: CategoricalDistribution((0, 1))
             if isinstance(dim, BinaryDim)
             else FloatDistribution(dim.low, dim.high)
             for dim in space
         }
-        self._storage, self._study = self._new_study(sampler)
+        self._storage, self._study = self._new_study()
         self._study_file = None if run_dir is None else OptunaStudyFile(path=Path(run_dir) / "optuna.db")
 
-    def _new_study(self, sampler: optuna.samplers.BaseSampler) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    def _new_study(self) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
         storage = optuna.storages.InMemoryStorage()
         study = optuna.create_study(
             storage=storage,
-            sampler=sampler,
             study_name=STUDY_NAME,
             directions=["maximize"] * self.n_objectives,
         )
@@ -82,7 +92,7 @@ class OptunaOptimizer(Optimizer):
         self._refresh_study_file()
 
     def _ask_one(self) -> Proposal:
-        trial = self._study.ask(self._distributions)
+        trial = self._study_for(len(self._study.get_trials(deepcopy=False))).ask(self._distributions)
         return Proposal(id=trial.number, x=np.array([trial.params[name] for name in self.space.names], dtype=float))
 
     def _tell_one(self, proposal: Proposal, scores: np.ndarray, failed: bool) -> None:
@@ -97,7 +107,12 @@ class OptunaOptimizer(Optimizer):
         if failed:
             trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id(), number)
             self._storage.set_trial_user_attr(trial_id, "failed", True)
-        self._study.tell(number, scores.tolist())
+        self._study_for(number).tell(number, scores.tolist())
+
+    def _study_for(self, number: int) -> optuna.Study:
+        """The study as seen by the sampler of trial `number`, which asks and is told that trial."""
+        sampler = self._sampler(trial_seed(self._seed, number))
+        return optuna.load_study(study_name=STUDY_NAME, storage=self._storage, sampler=sampler)
 
     def close(self) -> None:
         if self._study_file is not None:
@@ -112,14 +127,15 @@ class OptunaOptimizer(Optimizer):
 
     def _algorithm_state(self) -> dict[str, Any]:
         return {
-            "sampler": pickle.dumps(self._study.sampler),
+            "seed": self._seed,
             "study_system_attrs": dict(self._storage.get_study_system_attrs(self._study_id())),
             "trials": [_trial_record(trial) for trial in self._completed_trials()],
             "running": [_trial_record(trial) for trial in self._study.get_trials(states=(TrialState.RUNNING,))],
         }
 
     def _load_algorithm_state(self, state: dict[str, Any]) -> None:
-        self._storage, self._study = self._new_study(pickle.loads(state["sampler"]))
+        self._seed = state.get("seed", self._seed)
+        self._storage, self._study = self._new_study()
         for key, value in state["study_system_attrs"].items():
             self._storage.set_study_system_attr(self._study_id(), key, value)
         # Numbered in the order added: completed and running trials together, by number.
@@ -161,19 +177,23 @@ class NSGA2Optimizer(OptunaOptimizer):
     ) -> None:
         if population_size < 2:
             raise EvomergeError(f"optimizer.population_size is {population_size}", "Give population_size >= 2")
-        sampler = optuna.samplers.NSGAIISampler(
-            population_size=population_size,
-            mutation_prob=mutation_prob,
-            crossover_prob=crossover_prob,
-            swapping_prob=swapping_prob,
-            seed=seed,
-        )
+
+        def sampler(trial_seed: int) -> optuna.samplers.BaseSampler:
+            return optuna.samplers.NSGAIISampler(
+                population_size=population_size,
+                mutation_prob=mutation_prob,
+                crossover_prob=crossover_prob,
+                swapping_prob=swapping_prob,
+                seed=trial_seed,
+            )
+
         # One of our generations is exactly one NSGA-II population: optuna dates a trial's generation when
         # it is asked, by counting completed trials, so any other batch size would blur generations.
         super().__init__(
             space=space,
             n_objectives=n_objectives,
             sampler=sampler,
+            seed=seed,
             batch_size=population_size,
             run_dir=run_dir,
         )
@@ -199,9 +219,19 @@ class TPEOptimizer(OptunaOptimizer):
     ) -> None:
         if batch_size < 1:
             raise EvomergeError(f"optimizer.batch_size is {batch_size}", "Give batch_size >= 1")
-        sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup_trials, multivariate=multivariate, seed=seed)
+
+        def sampler(trial_seed: int) -> optuna.samplers.BaseSampler:
+            return optuna.samplers.TPESampler(
+                n_startup_trials=n_startup_trials, multivariate=multivariate, seed=trial_seed
+            )
+
         super().__init__(
-            space=space, n_objectives=n_objectives, sampler=sampler, batch_size=batch_size, run_dir=run_dir
+            space=space,
+            n_objectives=n_objectives,
+            sampler=sampler,
+            seed=seed,
+            batch_size=batch_size,
+            run_dir=run_dir,
         )
 
 
@@ -288,6 +318,11 @@ class OptunaStudyFile:
             return study_id, n_written
         storage.delete_study(study_id)
         return storage.create_new_study(directions, STUDY_NAME), 0
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of the sampler that asks trial `number` of a run seeded `seed`."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def _trial_record(trial: FrozenTrial) -> dict[str, Any]:
