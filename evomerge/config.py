@@ -68,9 +68,16 @@ class TasksConfig:
     include_path: str | None = None
     limit: int | None = None
     sample_seed: int = 0
-    num_fewshot: int | None = None
-    batch_size: int = 32
+    # lm-eval's own options, under its names (evomerge/evaluate/lm_eval_scorer.py, TaskSet, says what each does)
+    num_fewshot: Any = None  # an int for every task, or {task or group name: int}
+    batch_size: Any = 32  # a positive int, or "auto"
     acknowledge_test_split: bool = False
+    apply_chat_template: Any = False  # true, false, or the name of one of the tokenizer's templates
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    confirm_run_unsafe_code: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,8 +171,17 @@ def check_config(cfg: DictConfig) -> None:
         raise bad("tasks.limit", cfg.tasks.limit, "a positive number of items per task, or null for all")
     if cfg.in_flight is not None and cfg.in_flight < 1:
         raise bad("in_flight", cfg.in_flight, "a positive number of candidates in flight, or null for generations")
-    if cfg.tasks.batch_size < 1:
-        raise bad("tasks.batch_size", cfg.tasks.batch_size, "a positive batch size")
+    batch_size = cfg.tasks.batch_size
+    if batch_size != "auto" and not (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
+    ):
+        raise bad("tasks.batch_size", batch_size, "a positive batch size, or auto")
+    fewshot = cfg.tasks.num_fewshot
+    counts = fewshot.values() if isinstance(fewshot, DictConfig) else [] if fewshot is None else [fewshot]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise bad("tasks.num_fewshot", fewshot, "null, a count >= 0 for every task, or {task or group name: count}")
+    if not isinstance(cfg.tasks.apply_chat_template, (bool, str)):
+        raise bad("tasks.apply_chat_template", cfg.tasks.apply_chat_template, "true, false or a template's name")
     _check_executor(cfg, bad)
     if cfg.genome.kind not in GENOME_KINDS:
         raise bad("genome.kind", cfg.genome.kind, "ps (parameter space), dfs (data flow) or ps_dfs (both)")

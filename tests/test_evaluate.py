@@ -70,3 +70,88 @@ def test_unknown_task_and_missing_metric_are_named(toy_world):
     with pytest.raises(EvomergeError, match="toy_math/f1"):
         weighted_sum({"toy_math/acc": 0.5}, {"toy_math/f1": 1.0})
     assert weighted_sum({"a/acc": 0.5, "b/acc": 0.25}, {"a/acc": 2.0, "b/acc": 4.0}) == 2.0  # 2*.5 + 4*.25
+
+
+def copy_task(world, skill: str, folder, name: str, **changes) -> None:
+    """The toy world's task for ``skill`` under a new name in ``folder``, with ``changes`` to its YAML."""
+    source = world.tasks_dir / world.tasks[skill]
+    config = yaml.safe_load((source / f"{world.tasks[skill]}.yaml").read_text())
+    config.pop("tag", None)
+    config.update(task=name, **changes)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_group_reports_its_aggregate_and_each_subtask(toy_world, tmp_path):
+    copy_task(toy_world, "math", tmp_path, "mine_math")
+    copy_task(toy_world, "lang", tmp_path, "mine_lang")
+    group = {
+        "group": "mine",
+        "task": ["mine_math", "mine_lang"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}],
+    }
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(group))
+    model, tokenizer = load(toy_world)
+    tasks = TaskSet(names=("mine",), include_path=str(tmp_path), limit=6, num_fewshot={"mine": 1})
+    scorer = LMEvalScorer(model=model, tokenizer=tokenizer, tasks=tasks)
+    assert sorted(scorer.loaded["tasks"]) == ["mine_lang", "mine_math"]
+    # The group's few-shot count reaches its subtasks.
+    assert all(task.get_config("num_fewshot") == 1 for task in scorer.loaded["tasks"].values())
+    metrics = scorer.score()
+    assert set(metrics) == {"mine/acc", "mine_math/acc", "mine_lang/acc"}
+    # Unweighted mean of the two subtasks, worked by hand from their own numbers.
+    assert metrics["mine/acc"] == pytest.approx((metrics["mine_math/acc"] + metrics["mine_lang/acc"]) / 2)
+    with pytest.raises(EvomergeError, match="use one of: mine/acc, mine_lang/acc, mine_math/acc"):
+        weighted_sum(metrics, {"mine/exact_match": 1.0})
+
+
+def test_named_filters_stay_distinct_and_generation_kwargs_reach_the_task(toy_world, tmp_path):
+    # gsm8k's layout: one generate_until task, one metric, two filters ("strict-match" and "flexible-extract").
+    copy_task(
+        toy_world,
+        "math",
+        tmp_path,
+        "mine_gen",
+        output_type="generate_until",
+        doc_to_target="answer",
+        generation_kwargs={"until": ["\n"], "do_sample": False, "max_gen_toks": 4},
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        filter_list=[
+            {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "^ ?(\\d+)$"}, {"function": "take_first"}]},
+            {"name": "flexible-extract", "filter": [{"function": "regex", "regex_pattern": "(\\d+)", "group_select": -1}, {"function": "take_first"}]},
+        ],
+    )  # fmt: skip
+    model, tokenizer = load(toy_world)
+    tasks = TaskSet(names=("mine_gen",), include_path=str(tmp_path), limit=4, gen_kwargs={"max_gen_toks": 2})
+    scorer = LMEvalScorer(model=model, tokenizer=tokenizer, tasks=tasks)
+    assert scorer.loaded["tasks"]["mine_gen"].get_config("generation_kwargs")["max_gen_toks"] == 2
+    assert set(scorer.score()) == {"mine_gen/exact_match,strict-match", "mine_gen/exact_match,flexible-extract"}
+
+
+def test_the_chat_template_and_system_instruction_are_rendered_into_the_requests(toy_world, tmp_path):
+    copy_task(toy_world, "math", tmp_path, "mine_chat")
+    model, tokenizer = load(toy_world)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    plain = LMEvalScorer(
+        model=model, tokenizer=tokenizer, tasks=TaskSet(names=("mine_chat",), include_path=str(tmp_path), limit=2)
+    )
+    plain.score()
+    chat = LMEvalScorer(
+        model=model,
+        tokenizer=tokenizer,
+        tasks=TaskSet(
+            names=("mine_chat",),
+            include_path=str(tmp_path),
+            limit=2,
+            apply_chat_template=True,
+            system_instruction="Answer with a numeral.",
+        ),
+    )
+    chat.score()
+    [before] = {instance.args[0] for instance in plain.loaded["tasks"]["mine_chat"].instances[:1]}
+    [after] = {instance.args[0] for instance in chat.loaded["tasks"]["mine_chat"].instances[:1]}
+    assert not before.startswith("<|")
+    assert after.startswith("<|system|>Answer with a numeral.<|user|>") and after.endswith("<|assistant|>")
+    assert before.strip() in after

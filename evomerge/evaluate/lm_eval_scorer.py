@@ -4,6 +4,11 @@
 ``score()`` call sees the new weights. Tasks are built once (datasets read once); a fixed random
 subsample per task keeps candidates comparable. Bootstrap stderr is off: it costs more than the
 evaluation on small tasks and the search never reads it.
+
+The options users pass to ``lm_eval`` (chat template, few-shot as multi-turn, system instruction,
+generation kwargs, ``batch_size=auto``, unsafe code, extra ``HFLM`` arguments, few-shot counts per task)
+are ``TaskSet`` fields with lm-eval's names, so a run's config records them and export scores with them.
+Groups (``mmlu``, ``bbh``, ``leaderboard_*``) report their aggregate and every subtask's metrics.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import logging
 import math
 import warnings
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,21 +52,27 @@ class TaskSet:
     include_path: str | None = None
     limit: int | None = None
     sample_seed: int = 0
-    num_fewshot: int | None = None
-    batch_size: int = 32
+    num_fewshot: int | Mapping[str, int] | None = None  # one count for every task, or per task name
+    batch_size: int | str = 32  # or "auto": lm-eval finds the largest that fits, once per worker
     acknowledge_test_split: bool = False
+    apply_chat_template: bool | str = False  # True: the tokenizer's template; a string: that named template
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    gen_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for generate_until tasks, e.g. max_gen_toks
+    confirm_run_unsafe_code: bool = False
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # more HFLM arguments, e.g. max_length
 
 
 class LMEvalScorer:
     def __init__(self, *, model: torch.nn.Module, tokenizer, tasks: TaskSet) -> None:
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         self._evaluate = evaluate
         self.tasks = tasks
         with _quiet():
-            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=tasks.batch_size)
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=tasks.batch_size, **tasks.model_args)
             manager = _task_manager(TaskManager, tasks)
         unknown = [name for name in tasks.names if not manager.match_tasks([name])]
         if unknown:
@@ -70,33 +82,64 @@ class LMEvalScorer:
                 "check the name with `lm_eval --tasks list`, or point tasks.include_path at your task folder",
             )
         with _quiet():
-            self.task_dict = get_task_dict(list(tasks.names), manager)
-        for task in self.task_dict.values():
-            if tasks.num_fewshot is not None:
-                task.set_config(key="num_fewshot", value=tasks.num_fewshot)
+            # {"tasks": every leaf task by name, "groups": ..., "group_map": ...}: groups hold their subtasks.
+            self.loaded = manager.load(list(tasks.names))
+        leaves = self.loaded["tasks"]
+        for name, task in leaves.items():
+            fewshot = _fewshot_for(tasks.num_fewshot, name, self.loaded.get("group_map", {}))
+            if fewshot is not None:
+                task.set_config(key="num_fewshot", value=fewshot)
+            if tasks.gen_kwargs and task.get_config("output_type") == "generate_until":
+                task.set_config(key="generation_kwargs", value=dict(tasks.gen_kwargs), update=True)
             task.set_fewshot_seed(seed=tasks.sample_seed)
-        _warn_on_test_splits(self.task_dict, acknowledged=tasks.acknowledge_test_split)
-        self.samples = _subsample(self.task_dict, tasks.limit, tasks.sample_seed)
+        _warn_on_test_splits(leaves, acknowledged=tasks.acknowledge_test_split)
+        self.samples = _subsample(leaves, tasks.limit, tasks.sample_seed)
 
     def score(self) -> dict[str, float]:
-        """Every metric of every task as ``"task/metric" → value`` (NaN where lm-eval gave NaN)."""
+        """Every metric of every task and group as ``"task/metric" → value`` (NaN where lm-eval gave NaN).
+
+        A metric under a named filter keeps it, as lm-eval prints it: gsm8k's two answers are
+        ``gsm8k/exact_match,strict-match`` and ``gsm8k/exact_match,flexible-extract``. Under lm-eval's
+        default filter ("none") the name is just ``task/metric``.
+        """
+        tasks = self.tasks
         with _quiet():
             results = self._evaluate(
                 lm=self.lm,
-                task_dict=self.task_dict,
+                task_dict=self.loaded,
                 samples=self.samples,
                 bootstrap_iters=0,
                 log_samples=False,
                 verbosity="ERROR",
+                system_instruction=tasks.system_instruction,
+                apply_chat_template=tasks.apply_chat_template,
+                fewshot_as_multiturn=tasks.fewshot_as_multiturn,
+                confirm_run_unsafe_code=tasks.confirm_run_unsafe_code,
             )
         metrics = {}
         for task, values in results["results"].items():
             for key, value in values.items():
-                metric, _, _filter = key.partition(",")
+                metric, _, filter_name = key.partition(",")
                 if metric.endswith("_stderr") or metric == "sample_len" or not isinstance(value, (int, float)):
                     continue
-                metrics[f"{task}/{metric}"] = float(value)
+                name = metric if filter_name in ("", "none") else f"{metric},{filter_name}"
+                metrics[f"{task}/{name}"] = float(value)
         return metrics
+
+
+def _fewshot_for(num_fewshot: int | Mapping[str, int] | None, task: str, group_map: dict) -> int | None:
+    """The few-shot count for ``task``: the one count, its own entry, or its group's entry (nearest first)."""
+    if num_fewshot is None or isinstance(num_fewshot, int):
+        return num_fewshot
+    if task in num_fewshot:
+        return num_fewshot[task]
+    parents = [group for group, children in group_map.items() if task in children]
+    while parents:
+        group = parents.pop(0)
+        if group in num_fewshot:
+            return num_fewshot[group]
+        parents += [parent for parent, children in group_map.items() if group in children]
+    return None
 
 
 def _task_manager(task_manager_class, tasks: TaskSet):
