@@ -90,6 +90,7 @@ class ObjectiveConfig:
 class BudgetConfig:
     evaluations: int | None = 100
     wall_time_s: float | None = None
+    fail_fast: int | None = 3  # stop if the first N candidates scored all raise one error; null: never
 
 
 class ExecutorKind(str, Enum):
@@ -158,6 +159,8 @@ def check_config(cfg: DictConfig) -> None:
         raise bad("budget", "no limit", "budget.evaluations=N and/or budget.wall_time_s=SECONDS")
     if budget.evaluations is not None and budget.evaluations < 1:
         raise bad("budget.evaluations", budget.evaluations, "a positive number of evaluations")
+    if budget.fail_fast is not None and budget.fail_fast < 1:
+        raise bad("budget.fail_fast", budget.fail_fast, "a positive number of candidates, or null for no check")
     if budget.wall_time_s is not None and budget.wall_time_s <= 0:
         raise bad("budget.wall_time_s", budget.wall_time_s, "a positive number of seconds")
     if not cfg.objectives:

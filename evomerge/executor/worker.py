@@ -55,6 +55,16 @@ def _is_device_failure(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and "CUDA error" in str(error)  # raised as a plain RuntimeError by some ops
 
 
+def _described(error: Exception, *, frames: int = 3) -> str:
+    """``Type: message`` on the first line (what the log and fail-fast compare), then the last ``frames``
+    frames of the traceback, innermost last, so a failure can be traced from the log alone."""
+    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+    if not frames:
+        return detail
+    stack = traceback.extract_tb(error.__traceback__)[-frames:]
+    return "\n".join([detail, *(f"  at {f.filename}:{f.lineno} in {f.name}" for f in stack)])
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,10 +95,9 @@ class Worker:
             metrics = self.scorer.score()
         except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
             # outside (0, 1)) must not end the search: it is logged and scored as the worst.
-            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
             if _is_device_failure(error):
-                raise DeviceFailure(detail) from error
-            return Outcome(metrics=None, error=detail, seconds=time.perf_counter() - start)
+                raise DeviceFailure(_described(error, frames=0)) from error
+            return Outcome(metrics=None, error=_described(error), seconds=time.perf_counter() - start)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         error = f"non-finite metric(s): {', '.join(bad)}" if bad else None
         return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start)

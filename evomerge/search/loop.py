@@ -19,7 +19,7 @@ import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,11 +38,44 @@ from evomerge.search.state import Best, SearchState
 class Budget:
     evaluations: int | None = None
     wall_time_s: float | None = None
+    fail_fast: int | None = 3  # stop when the first this many candidates scored fail with one error
+
+    def watch_failures(self, run: RunFolder) -> FailFast:
+        return FailFast(count=self.fail_fast, run=run)
 
     def spent(self, state: SearchState) -> bool:
         over_count = self.evaluations is not None and state.evaluations >= self.evaluations
         over_time = self.wall_time_s is not None and state.elapsed_s >= self.wall_time_s
         return over_count or over_time
+
+
+@dataclass
+class FailFast:
+    """Stops a search whose first ``count`` candidates scored by this process all raised the same error.
+
+    An error every candidate hits (a task that cannot load, a missing package, a wrong metric name) would
+    otherwise rank every candidate worst and burn the whole budget. Only candidates scored by this
+    process count, not rows a resume replays from the log, so a resume after fixing the cause goes on;
+    the failed candidates stay in the log, ranked worst. Non-finite metrics (a genuinely bad candidate)
+    are not errors here: they are ranked worst and the search goes on.
+    """
+
+    count: int | None
+    run: RunFolder
+    errors: list[str | None] = field(default_factory=list)
+
+    def saw(self, outcome: Outcome) -> None:
+        if self.count is None or len(self.errors) >= self.count:
+            return
+        self.errors.append(outcome.error if outcome.metrics is None else None)
+        first_lines = {error.splitlines()[0] if error else None for error in self.errors}
+        if len(self.errors) == self.count and None not in first_lines and len(first_lines) == 1:
+            raise EvomergeError(
+                f"the first {self.count} candidates all failed with the same error, so the rest would too:\n"
+                f"{self.errors[-1]}\n",
+                f"fix its cause, then continue with `evomerge resume {self.run.path}` (the failed candidates stay "
+                "in the log, ranked worst); budget.fail_fast=null turns this check off",
+            )
 
 
 def run_search(
@@ -57,6 +90,7 @@ def run_search(
     """Drive the search until the budget is spent, checkpointing after every generation."""
     state, replay = resume_state(run, optimizer, n_objectives=len(objectives), by_generation=True)
     progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
+    failures = budget.watch_failures(run)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
         while not budget.spent(state):
@@ -74,6 +108,7 @@ def run_search(
             for position, outcome in evaluate([recipes[i] for i in fresh]):
                 arrived[keys[fresh[position]]] = outcome
                 _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+                failures.saw(outcome)
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
 
             optimizer.tell(proposals, scores)

@@ -26,9 +26,11 @@ class Progress:
 
 def summary_table(state: SearchState, objectives: list[str]) -> str:
     fresh = sum(1 for _ in state.cache)
+    failed = [error for _, _, error in state.cache.values() if error]
     lines = [
         "",
-        f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct) | "
+        f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct, "
+        f"{len(failed)} failed) | "
         f"wall {state.elapsed_s:.1f} s | workers spent {state.evaluating_s:.1f} s scoring candidates "
         "(summed over workers: with a pool it exceeds the wall time)",
         "",
@@ -41,6 +43,8 @@ def summary_table(state: SearchState, objectives: list[str]) -> str:
         lines += [f"  {k} = {v:.4f}" for k, v in sorted((state.best.metrics or {}).items()) if math.isfinite(v)]
     else:
         lines.append("| (no candidate succeeded) | - |")
+    if failed:
+        lines += ["", f"first failure (evaluations.jsonl has each one's error): {failed[0].splitlines()[0]}"]
     if len(objectives) > 1 and state.front is not None:
         lines.append(f"\nPareto front: {len(state.front)} candidates (evomerge export RUN_DIR OUT --pareto)")
     return "\n".join(lines)

@@ -157,7 +157,9 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         center = genome.to_recipe([0.5] * genome.dimension)
         spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
         executor = build_executor(cfg.executor, spec)
-        budget = Budget(evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s)
+        budget = Budget(
+            evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
+        )
         search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": executor.evaluate}
         search |= {"objectives": objectives, "budget": budget}
         try:

@@ -55,6 +55,7 @@ def run_window_search(
     scoring: set[str] = set()  # keys handed to the executor and not logged yet
     arrived: dict[str, Outcome] = {}
     told: list[tuple[float, ...]] = []  # scores told since the last checkpoint
+    failures = budget.watch_failures(run)
     clock = time.perf_counter()
 
     def enter(proposal: Proposal) -> None:
@@ -101,6 +102,7 @@ def run_window_search(
             except StopIteration:
                 raise RuntimeError("the executor stopped while candidates were still being scored") from None
             arrived[keys[position]] = outcome
+            failures.saw(outcome)
         if told:
             clock, saved = close_batch(run, state, optimizer, told, clock, saved, writer, progress)
         if saved is not None:
