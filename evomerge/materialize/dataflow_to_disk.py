@@ -2,10 +2,11 @@
 
 Path position k becomes decoder layer k: the tensors of the source layer it runs are copied under
 ``model.layers.{k}.`` (a layer used twice is written twice), embeddings, final norm and LM head come
-from the embedding source, and the config is that source's with the new layer count. Where every scale
-is 1 that is a standard model (and a mergekit passthrough config of the same stack is written beside
-it). Otherwise the folder ships `dataflow_modeling.py`, which applies the scales, and needs
-``trust_remote_code=True`` (see that file for why the scales cannot be folded into the weights).
+from the embedding source (a tied source has no LM head tensor and stays tied), and the config is that
+source's with the new layer count and each per-layer list (``layer_types``) following its layers. Where
+every scale is 1 that is a standard model (and a mergekit passthrough config of the same stack is
+written beside it). Otherwise the folder ships `dataflow_modeling.py`, which applies the scales, and
+needs ``trust_remote_code=True`` (see that file for why the scales cannot be folded into the weights).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_folder, refuse_existing
 from evomerge.io.checkpoint import layer_index
 from evomerge.io.writer import ShardedWriter, write_model_files
-from evomerge.materialize.dataflow import open_sources
+from evomerge.materialize.dataflow import open_sources, per_layer_values, source_configs
 from evomerge.materialize.model_card import RECIPE_NAME, card_tail
 from evomerge.materialize.to_disk import DTYPES
 from evomerge.recipe.dataflow import DataFlowRecipe, to_passthrough
@@ -44,25 +44,12 @@ def write_dataflow_model(
     recipe.check([checkpoint.num_layers for checkpoint in checkpoints])
     ends = checkpoints[recipe.embedding_source]
     config = dict(ends.config)
-    if not recipe.unit_scales and config.get("model_type") != "llama":
-        raise EvomergeError(
-            f"the path scales the hidden state, which evomerge can export only for Llama models, not "
-            f"{config.get('model_type')}",
-            "export a path whose scales are all 1, or search with genome.scale_range around 1 and a Llama source",
-        )
+    config["num_hidden_layers"] = len(recipe.path)
+    config.update(per_layer_values(source_configs(recipe.sources), recipe.path))
+    if not recipe.unit_scales:
+        config.update(_scaled_model_config(config["model_type"]), input_scales=[step.scale for step in recipe.path])
     first = ends.names[0]
     dtype = DTYPES[recipe.dtype] if recipe.dtype else ends.dtype(first)
-    config["num_hidden_layers"] = len(recipe.path)
-    if not recipe.unit_scales:
-        config.update(
-            model_type="evomerge_dataflow_llama",
-            architectures=["DataFlowLlamaForCausalLM"],
-            auto_map={
-                "AutoConfig": "modeling_dataflow.DataFlowLlamaConfig",
-                "AutoModelForCausalLM": "modeling_dataflow.DataFlowLlamaForCausalLM",
-            },
-            input_scales=[step.scale for step in recipe.path],
-        )
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
         for name in ends.names:
@@ -89,6 +76,22 @@ def write_dataflow_model(
     return out_dir
 
 
+def _scaled_model_config(model_type: str) -> dict:
+    """The config keys that make ``AutoModelForCausalLM`` load the family's scaled model from MODELING_NAME."""
+    from evomerge.materialize.dataflow_modeling import SCALED_MODELS  # every family in FAMILIES has one
+
+    model = SCALED_MODELS[model_type]
+    module = Path(MODELING_NAME).stem
+    return {
+        "model_type": model.config_class.model_type,
+        "architectures": [model.__name__],
+        "auto_map": {
+            "AutoConfig": f"{module}.{model.config_class.__name__}",
+            "AutoModelForCausalLM": f"{module}.{model.__name__}",
+        },
+    }
+
+
 def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthrough: str | None) -> str:
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge, data-flow-merge]", "---"]
     lines += ["# Data-flow merged model", ""]
@@ -108,7 +111,7 @@ def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthr
         lines += [
             "## Loading",
             "",
-            "The path scales the hidden state between layers, which a standard Llama cannot, so this folder ships",
+            "The path scales the hidden state between layers, which the standard model cannot, so this folder ships",
             f"its own modeling code (`{MODELING_NAME}`). Load it with:",
             "",
             "```python",
@@ -117,7 +120,7 @@ def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthr
             "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
             "```",
             "",
-            "Read the file first: it is short, and subclasses transformers' Llama to multiply each decoder layer's",
+            "Read the file first: it is short, and subclasses the transformers model to multiply each decoder layer's",
             "input by its scale. Without `trust_remote_code=True` loading fails rather than ignoring the scales",
             "(lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`).",
             "",
