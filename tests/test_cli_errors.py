@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from evomerge.cli import main
 
@@ -37,14 +41,93 @@ def broken_copy(world, tmp_path, how):
             shard.unlink()
         (copy / "model.safetensors.index.json").unlink()
         (copy / "pytorch_model.bin").write_bytes(b"not a pickle")
+    elif how in REWRITES:
+        state = {name: tensor for shard in shards for name, tensor in load_file(shard).items()}
+        for shard in shards:
+            shard.unlink()
+        (copy / "model.safetensors.index.json").unlink()
+        config = json.loads((copy / "config.json").read_text())
+        state, config = REWRITES[how](state, config)
+        save_file(state, str(copy / "model.safetensors"))
+        (copy / "config.json").write_text(json.dumps(config))
     return copy
+
+
+def gptq(state, config):
+    """What GPTQ leaves of one linear layer: packed int32 weights and zeros, fp16 scales."""
+    name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
+    out_features, in_features = state.pop(name).shape
+    prefix = name.removesuffix("weight")
+    state[prefix + "qweight"] = torch.zeros(in_features // 8, out_features, dtype=torch.int32)
+    state[prefix + "qzeros"] = torch.zeros(1, out_features // 8, dtype=torch.int32)
+    state[prefix + "scales"] = torch.ones(1, out_features, dtype=torch.float16)
+    return state, config
+
+
+def fp8(state, config):
+    name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    return state, config
+
+
+def multimodal(state, config):
+    """Gemma 3's layout: the text model under language_model., a vision tower beside it."""
+    state = {f"language_model.{name}": tensor for name, tensor in state.items()}
+    state["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(8, 3, 2, 2)
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": config,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    }
+    return state, config
+
+
+REWRITES = {
+    "gptq": gptq,
+    "fp8": fp8,
+    "quantization_config": lambda s, c: (s, c | {"quantization_config": {"quant_method": "awq", "bits": 4}}),
+    "multimodal": multimodal,
+}
+
+
+def qwen2(tmp_path):
+    """A Qwen2 as small as the toy Llama: another family, whose tensors cannot be merged with a Llama's."""
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    folder = tmp_path / "qwen2"
+    config.save_pretrained(folder)  # the weights by hand: save_pretrained's progress bar would go to stderr
+    state = Qwen2ForCausalLM(config).state_dict()
+    save_file({name: tensor.clone() for name, tensor in state.items()}, str(folder / "model.safetensors"))
+    return folder
 
 
 CASES = {
     "missing path": (lambda w, t: {"base": str(t / "nowhere")}, "does not exist"),
-    "bin only": (
+    "corrupt bin": (
         lambda w, t: {"models": [{"model": str(broken_copy(w, t, "bin-only")), "weight": 1.0}]},
-        "only .bin",
+        "cannot be read as plain tensors",
+    ),
+    "gptq tensors": (
+        lambda w, t: {"models": [{"model": str(broken_copy(w, t, "gptq")), "weight": 1.0}]},
+        "stored as I32, not as floating point: it is quantized",
+    ),
+    "fp8 tensors": (
+        lambda w, t: {"models": [{"model": str(broken_copy(w, t, "fp8")), "weight": 1.0}]},
+        "stored as F8_E4M3, not as floating point",
+    ),
+    "quantization config": (
+        lambda w, t: {"models": [{"model": str(broken_copy(w, t, "quantization_config")), "weight": 1.0}]},
+        "is quantized (awq",
+    ),
+    "multimodal": (
+        lambda w, t: {"models": [{"model": str(broken_copy(w, t, "multimodal")), "weight": 1.0}]},
+        "is a multimodal checkpoint (Gemma3ForConditionalGeneration: its config has vision_config)",
+    ),
+    "different family": (
+        lambda w, t: {"models": [{"model": str(qwen2(t)), "weight": 1.0}]},
+        "has model_type = qwen2 but",
     ),
     "truncated shard": (
         lambda w, t: {"models": [{"model": str(broken_copy(w, t, "truncated")), "weight": 1.0}]},

@@ -71,13 +71,13 @@ def test_missing_folder_and_missing_config(tmp_path):
         Checkpoint.open(tmp_path / "empty")
 
 
-def test_bin_only_folder_is_refused_without_unpickling(tmp_path):
+def test_corrupt_bin_is_named(tmp_path):
+    """.bin folders are read weights-only (tests/test_io_sources.py); a file that is no such pickle is named."""
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(CONFIG))
-    # Not a valid pickle at all: if evomerge tried to unpickle it, the error would differ.
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
-    with pytest.raises(EvomergeError, match="only .bin"):
+    with pytest.raises(EvomergeError, match="pytorch_model.bin' cannot be read as plain tensors"):
         Checkpoint.open(folder)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.executor.memory import check_sources_fit
+from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import DataFlowRouter
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import DTYPES, resolve_device
@@ -80,10 +81,11 @@ class Worker:
             tokenizer_source = template.sources[template.embedding_source]
         else:
             reference = template.base if template.base is not None else template.models[0].model
-            model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[spec.dtype]).to(device).eval()
+            folder = resolve_model(reference).path  # a hub ID's cached snapshot
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[spec.dtype]).to(device).eval()
             self.merger = InPlaceMerger(model=model, template=template)
             tokenizer_source = template.tokenizer_source or reference
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source).path)
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
 
     def evaluate(self, recipe: Recipe | DataFlowRecipe) -> Outcome:

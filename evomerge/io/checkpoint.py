@@ -1,7 +1,8 @@
-"""A Hugging Face model folder, read lazily: tensors come off the safetensors files one at a time.
+"""A Hugging Face model folder, read lazily: tensors come off the weight files one at a time.
 
-Only safetensors are read. ``.bin`` checkpoints are pickles that can run arbitrary code when loaded,
-so a folder holding only those is refused with the one-line conversion a user needs.
+A model is named by a folder or a Hub ID (``evomerge/io/locate.py``). Its weights are safetensors,
+or, when a folder has none, ``pytorch_model*.bin`` pickles read weights-only (``evomerge/io/pickled.py``).
+A checkpoint no tensor-wise merge can use (quantized, multimodal) is refused when it is opened.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 
@@ -17,12 +19,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from evomerge.errors import EvomergeError
+from evomerge.io.compatibility import check_mergeable
+from evomerge.io.locate import (
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    ResolvedModel,
+    resolve_model,
+)
+from evomerge.io.pickled import load_state_dict
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX_NAME = SAFETENSORS_INDEX
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
+# The floating-point dtypes a merge averages, by safetensors' names. Anything else (I8, U8, I32, F8_E4M3,
+# ...) is a quantized weight or a buffer, refused when the checkpoint is opened, never read as float32.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def layer_index(tensor_name: str) -> int | None:
@@ -32,29 +46,38 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 class Checkpoint:
-    """One model folder: its config and a map from tensor name to the shard that holds it."""
+    """One model folder: its config and a map from tensor name to the file that holds it."""
 
-    def __init__(self, *, path: Path, config: dict, shards: dict[str, Path]) -> None:
-        self.path = path
+    def __init__(self, *, origin: ResolvedModel, config: dict) -> None:
+        """Map ``origin``'s folder; ``open`` is the way in, which checks the folder and its tensors too."""
+        self.origin = origin
+        self.path = origin.path
         self.config = config
-        self.shards = shards
         self._handles: dict[Path, object] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self._layouts: dict[Path, dict[str, tuple[torch.dtype, int, int]]] = {}
+        self.shards = _shard_map(self.path, self._keys)
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        """Open and validate a model folder; every problem becomes an ``EvomergeError``."""
-        path = Path(path).expanduser()
+    def open(cls, ref: str | Path) -> Checkpoint:
+        """Open and validate a model folder or Hub ID; every problem becomes an ``EvomergeError``."""
+        origin = resolve_model(ref)
+        path = origin.path
         if not path.is_dir():
             raise EvomergeError(
                 f"model folder '{path}' does not exist or is not a folder",
-                "check the path in the recipe (relative paths are read from the current directory)",
+                "check the path in the recipe (relative paths are read from the current directory), "
+                "or name a Hugging Face model as org/name",
             )
         config_file = path / "config.json"
         if not config_file.is_file():
+            adapter = (path / "adapter_config.json").is_file()
             raise EvomergeError(
-                f"'{path}' has no config.json, so it is not a Hugging Face model folder",
-                "point to the folder that holds config.json and the *.safetensors files",
+                f"'{path}' has no config.json, so it is not a Hugging Face model folder"
+                + (" (its adapter_config.json makes it a PEFT/LoRA adapter)" if adapter else ""),
+                "merge the adapter into its base model first (peft: merge_and_unload, then save_pretrained)"
+                if adapter
+                else "point to the folder that holds config.json and the *.safetensors files",
             )
         try:
             config = json.loads(config_file.read_text())
@@ -62,9 +85,26 @@ class Checkpoint:
             raise EvomergeError(
                 f"'{config_file}' is not valid JSON ({error})", "restore the file from the model's source"
             ) from error
-        checkpoint = cls(path=path, config=config, shards=_shard_map(path))
+        checkpoint = cls(origin=origin, config=config)
         checkpoint._validate_shards()
+        stored = checkpoint._stored
+        check_mergeable(
+            ref=checkpoint.ref,
+            config=config,
+            names=checkpoint.names,
+            non_float={name: dtype for name, (_, dtype) in stored.items() if dtype not in _DTYPES},
+        )
         return checkpoint
+
+    @property
+    def ref(self) -> str:
+        """The model as a run should record it: the folder given, or ``org/name@<commit>`` for a Hub model."""
+        return self.origin.pinned
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub commit the weights were read at; None for a local folder."""
+        return self.origin.commit
 
     @property
     def names(self) -> list[str]:
@@ -75,23 +115,31 @@ class Checkpoint:
         return int(self.config.get("num_hidden_layers", 0))
 
     @cached_property
-    def _meta(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        meta = {}
+    def _stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and stored dtype name (safetensors' spelling) of every tensor, without reading its data."""
+        stored = {}
         for name, file in self.shards.items():
-            view = self._handle(file).get_slice(name)
-            meta[name] = (tuple(view.get_shape()), _DTYPES.get(view.get_dtype(), torch.float32))
-        return meta
+            if file.suffix == ".bin":
+                tensor = self._pickle(file)[name]
+                dtype = _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
+                stored[name] = (tuple(tensor.shape), dtype)
+            else:
+                view = self._handle(file).get_slice(name)
+                stored[name] = (tuple(view.get_shape()), view.get_dtype())
+        return stored
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][0]
+        return self._stored[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
+        return _DTYPES[self._stored[name][1]]
 
     def load(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor from its shard onto ``device`` (cast to ``dtype`` after the read)."""
-        tensor = self._handle(self.shards[name]).get_tensor(name)
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        """Read one tensor from its file onto ``device`` (cast to ``dtype`` after the read)."""
+        file = self.shards[name]
+        tensor = self._tensor(name)
+        # A .bin tensor is a view of the file's memory map: the caller gets a tensor of its own, as from safetensors.
+        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=file.suffix == ".bin")
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy one tensor into ``out`` (its shape; any dtype and device, cast on the way) and return ``out``.
@@ -104,7 +152,7 @@ class Checkpoint:
         layout = self._layout(file)
         stored = layout.get(name)
         if stored is None or out.device.type != "cpu" or not out.is_contiguous() or out.dtype != stored[0]:
-            return out.copy_(self._handle(file).get_tensor(name))
+            return out.copy_(self._tensor(name))
         _, begin, end = stored
         target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         if len(target) != end - begin:
@@ -124,22 +172,23 @@ class Checkpoint:
         return out
 
     def _layout(self, file: Path) -> dict[str, tuple[torch.dtype, int, int]]:
-        """Per tensor of a shard whose dtype torch reads as stored: (dtype, first byte, end byte) in the file.
-
-        safetensors' layout: an 8-byte little-endian header length, the JSON header, then the data,
-        with ``data_offsets`` relative to the data's start.
-        """
+        """Per tensor of a safetensors shard whose dtype torch reads as stored: (dtype, first byte, end byte)
+        in the file. Empty for a .bin file: its tensors are copied out of its memory map instead."""
         if file not in self._layouts:
-            with file.open("rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
-            start = 8 + size
-            self._layouts[file] = {
-                name: (_DTYPES[entry["dtype"]], start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-                for name, entry in header.items()
-                if name != "__metadata__" and entry["dtype"] in _DTYPES
-            }
+            self._layouts[file] = {} if file.suffix == ".bin" else _safetensors_layout(file)
         return self._layouts[file]
+
+    def _keys(self, file: Path) -> list[str]:
+        return list(self._pickle(file)) if file.suffix == ".bin" else _safetensors_keys(file)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        file = self.shards[name]
+        return self._pickle(file)[name] if file.suffix == ".bin" else self._handle(file).get_tensor(name)
+
+    def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickles:
+            self._pickles[file] = load_state_dict(file)
+        return self._pickles[file]
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -148,6 +197,10 @@ class Checkpoint:
 
     def _validate_shards(self) -> None:
         for file in sorted(set(self.shards.values())):
+            if file.suffix == ".bin":
+                present = set(self._pickle(file))
+                self._check_named(file, present)
+                continue
             try:
                 present = set(self._handle(file).keys())
             except (SafetensorError, OSError) as error:
@@ -155,53 +208,76 @@ class Checkpoint:
                     f"shard '{file}' is truncated or corrupt ({error})",
                     "download or copy that file again; its size should match the source",
                 ) from error
-            missing = [name for name, f in self.shards.items() if f == file and name not in present]
-            if missing:
-                raise EvomergeError(
-                    f"the index of '{self.path}' places {len(missing)} tensors (e.g. '{missing[0]}') "
-                    f"in '{file.name}', which does not hold them",
-                    "the index and the shards come from different versions: fetch the folder again",
-                )
+            self._check_named(file, present)
+
+    def _check_named(self, file: Path, present: set[str]) -> None:
+        missing = [name for name, f in self.shards.items() if f == file and name not in present]
+        if missing:
+            raise EvomergeError(
+                f"the index of '{self.path}' places {len(missing)} tensors (e.g. '{missing[0]}') "
+                f"in '{file.name}', which does not hold them",
+                "the index and the shards come from different versions: fetch the folder again",
+            )
 
     def __repr__(self) -> str:
-        return f"Checkpoint('{self.path}')"
+        return f"Checkpoint('{self.ref}')"
 
 
-def _shard_map(path: Path) -> dict[str, Path]:
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise EvomergeError(
-                f"'{index}' is not a valid safetensors index ({error})",
-                "restore the file from the model's source",
-            ) from error
-        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
-        if absent:
-            raise EvomergeError(
-                f"'{path}' is missing shard file(s) named in its index: {', '.join(absent)}",
-                "copy the missing shards into the folder",
-            )
-        return {name: path / file for name, file in weight_map.items()}
-    files = [path / SINGLE_NAME] if (path / SINGLE_NAME).is_file() else sorted(path.glob("*.safetensors"))
+def _shard_map(path: Path, keys: Callable[[Path], Iterable[str]]) -> dict[str, Path]:
+    """Tensor name → file, from the weights transformers would read, in its order of preference:
+    safetensors (an index, ``model.safetensors``, any ``*.safetensors``), then ``.bin`` (an index,
+    ``pytorch_model.bin``). ``keys`` lists the tensors of a file that has no index."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file() and (index_name == SAFETENSORS_INDEX or not any(path.glob("*.safetensors"))):
+            return _indexed(path, index)
+    files = [path / SAFETENSORS_SINGLE] if (path / SAFETENSORS_SINGLE).is_file() else sorted(path.glob("*.safetensors"))
+    if not files and (path / BIN_SINGLE).is_file():
+        files = [path / BIN_SINGLE]
     if not files:
-        if any(path.glob("*.bin")):
-            raise EvomergeError(
-                f"'{path}' holds only .bin (pickle) weights, which evomerge does not load because "
-                "unpickling can run arbitrary code",
-                'convert it once with: python -c "from transformers import AutoModelForCausalLM as M; '
-                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\"",
-            )
-        raise EvomergeError(f"'{path}' holds no *.safetensors weights", "point to a folder with model weights")
-    shards: dict[str, Path] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                shards.update({name: file for name in handle.keys()})
-        except (SafetensorError, OSError) as error:
-            raise EvomergeError(
-                f"shard '{file}' is truncated or corrupt ({error})",
-                "download or copy that file again; its size should match the source",
-            ) from error
-    return shards
+        raise EvomergeError(
+            f"'{path}' holds no weights evomerge reads (*.safetensors, or pytorch_model.bin and its shards)",
+            "point to a folder with model weights in transformers' format",
+        )
+    return {name: file for file in files for name in keys(file)}
+
+
+def _indexed(path: Path, index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise EvomergeError(
+            f"'{index}' is not a valid weights index ({error})", "restore the file from the model's source"
+        ) from error
+    absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if absent:
+        raise EvomergeError(
+            f"'{path}' is missing shard file(s) named in its index: {', '.join(absent)}",
+            "copy the missing shards into the folder",
+        )
+    return {name: path / file for name, file in weight_map.items()}
+
+
+def _safetensors_layout(file: Path) -> dict[str, tuple[torch.dtype, int, int]]:
+    """safetensors' layout: an 8-byte little-endian header length, the JSON header, then the data, with
+    ``data_offsets`` relative to the data's start."""
+    with file.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    start = 8 + size
+    return {
+        name: (_DTYPES[entry["dtype"]], start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__" and entry["dtype"] in _DTYPES
+    }
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise EvomergeError(
+            f"shard '{file}' is truncated or corrupt ({error})",
+            "download or copy that file again; its size should match the source",
+        ) from error

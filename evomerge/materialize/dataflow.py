@@ -227,9 +227,10 @@ class DataFlowRouter:
     def load(cls, template: DataFlowRecipe, *, device: torch.device, dtype: torch.dtype) -> DataFlowRouter:
         from transformers import AutoModelForCausalLM
 
-        open_sources(template.sources)
+        checkpoints = open_sources(template.sources)  # hub IDs resolved to their cached folders
         sources = [
-            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval() for path in template.sources
+            AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype).to(device).eval()
+            for checkpoint in checkpoints
         ]
         return cls(sources=sources, source_paths=template.sources, embedding_source=template.embedding_source)
 

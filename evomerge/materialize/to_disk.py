@@ -9,6 +9,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_folder, refuse_existing
+from evomerge.io.locate import resolve_model
 from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.model_card import write_recipe_files
 from evomerge.materialize.plan import method_kwargs, validate
@@ -48,7 +49,9 @@ def merge_to_disk(
     reference = sources.reference
     first = reference.names[0]
     out_dtype = DTYPES[dtype or recipe.dtype] if (dtype or recipe.dtype) else reference.dtype(first)
-    tokenizer_source = sources.reference.path if recipe.tokenizer_source is None else Path(recipe.tokenizer_source)
+    tokenizer_source = (
+        sources.reference.path if recipe.tokenizer_source is None else resolve_model(recipe.tokenizer_source).path
+    )
     with torch.no_grad(), atomic_folder(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
         reader = InputReader(sources=sources, method=method, device=torch_device, dtype=out_dtype)

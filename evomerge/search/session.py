@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from hydra.errors import InstantiationException
@@ -12,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.config import check_config
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
-from evomerge.executor.ray_pool import RayExecutor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import WorkerSpec
 from evomerge.genome.contract import Genome
@@ -20,6 +20,7 @@ from evomerge.genome.dfs import DataFlowGenome
 from evomerge.genome.ps import ParameterSpaceGenome
 from evomerge.genome.ps_dfs import merge_ps_source, ps_source_folder, reference_model
 from evomerge.io.checkpoint import Checkpoint
+from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.loop import Budget, run_search
@@ -28,10 +29,14 @@ from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
 from evomerge.search.window import run_window_search
 
+if TYPE_CHECKING:
+    from evomerge.executor.ray_pool import RayExecutor
+
 
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
+    pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
     if run.config_path.exists():
@@ -41,6 +46,15 @@ def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     run.lock()
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     return _drive(OmegaConf.load(run.config_path), run)
+
+
+def pin_models(cfg: DictConfig) -> None:
+    """Replace each hub ID among the models by ``org/name@<commit>`` (local folders stay as given), so the
+    run's config, its log, a resume and an export all read the weights this run started with."""
+    cfg.models.base = resolve_model(cfg.models.base).pinned
+    cfg.models.experts = [resolve_model(expert).pinned for expert in cfg.models.experts]
+    if cfg.genome.get("sources"):
+        cfg.genome.sources = [resolve_model(source).pinned for source in cfg.genome.sources]
 
 
 def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
@@ -179,6 +193,8 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
 def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayExecutor:
     """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``)."""
     if node.kind == "ray":
+        from evomerge.executor.ray_pool import RayExecutor  # ray only where it is used (a GPU box may lack it)
+
         return RayExecutor(
             spec=spec,
             num_workers=node.num_workers,
