@@ -329,7 +329,7 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
         if b_ratio > 2:
             said[-1] += f": {r['b'] - r['a']:.2f} s beyond moving the bytes, in {r['ops']}"
             if method in RANDOM and r["kept"]:
-                # DARE reads its kept draws (16 bits per entry per model) every candidate, besides the weights (a) counts.
+                # DARE reads its kept draws (a float32 word per entry per model) every candidate, besides the weights (a) counts.
                 floor = r["a"] + r["kept"] / (r["gbps"] * 1e9)
                 said[-1] += (
                     f". It also reads its kept draws ({mb(r['kept'])}) every candidate: (a) plus those bytes at (a)'s "

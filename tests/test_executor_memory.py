@@ -27,9 +27,9 @@ def recipe(toy_world, method: str) -> Recipe:
         ("ties", "cpu", "float32", 4 + 4),
         ("ties", "cpu", "bfloat16", 4 + 4),
         ("ties", "cuda", "bfloat16", 2 + 4),
-        # DARE keeps its draws on CPU only, 16 bits per entry per model (two models share an int32);
-        # on a GPU it draws per candidate.
-        ("dare_ties", "cpu", "bfloat16", 2),
+        # DARE keeps its draws on CPU only, a float32 word per entry per model (the whole 24-bit number
+        # torch's Bernoulli compares, so any density draws exactly); on a GPU it draws per candidate.
+        ("dare_ties", "cpu", "bfloat16", 4),
         ("dare_ties", "cuda", "bfloat16", 0),
         ("task_arithmetic", "cpu", "float32", 0),
     ],
@@ -58,6 +58,7 @@ def test_a_restarted_worker_waits_for_its_device_memory_to_come_free(monkeypatch
     """A worker restarted after a kill may find the memory of the process it replaces not yet given back:
     it retries the memory check for a while instead of stopping the search. A first start does not wait,
     and no other startup error is retried."""
+    pytest.importorskip("ray")
     from evomerge.executor import ray_pool
     from evomerge.executor.memory import SourcesDoNotFit
 

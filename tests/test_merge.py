@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import merge_to_disk
+from evomerge.methods import get_method
 from evomerge.recipe.recipe import Recipe, load_recipe
 
 # One recipe per method, with per-layer gradients and filters where the method takes them.
@@ -70,6 +71,11 @@ def test_to_disk_reloads_and_equals_in_place(toy_world, tmp_path, method):
     assert len(set(index["weight_map"].values())) >= 2
     assert load_recipe(out / "evomerge_recipe.yaml") == recipe
     assert load_recipe(out / "mergekit_config.yml").canonical() == recipe.canonical().replace("seed: 7", "seed: 0")
+    # The card calls the mergekit config the same merge only where mergekit's output is the same model: a
+    # random method's masks come from mergekit's one global generator there, not from our per-tensor seeds.
+    card = (out / "README.md").read_text()
+    assert ("## The same merge for mergekit" in card) != get_method(method).random
+    assert ("not the same model" in card) == get_method(method).random
 
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 5, 6, 7, 8]])

@@ -657,10 +657,7 @@ def test_dare_rescale_divides_each_model_by_its_own_density(name: str) -> None:
     density = [0.3, 0.6, 0.9]
     settings = {"weight": [0.6, -0.3, 0.9], "density": density, "normalize": True, "seed": 7}
     rescaled = call(name, base, base + deltas, **settings)
-    # Each kept with its density rounded up to a multiple of 2**-16 (in float32 0.3 * 2**16 = 19660.8008,
-    # 0.6 * 2**16 = 39321.6016, 0.9 * 2**16 = 58982.3984) and divided by that.
-    kept_with = torch.tensor([19661.0, 39322.0, 58983.0]) / 2**16
-    divided = base + deltas / kept_with[:, None, None]
+    divided = base + deltas / torch.tensor(density)[:, None, None]
     torch.testing.assert_close(rescaled, call(name, base, divided, rescale=False, **settings))
 
 
@@ -694,25 +691,32 @@ def test_mean_over_draws_is_the_unpruned_merge(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dare_keeps_with_its_density_rounded_up_to_a_multiple_of_two_to_the_minus_16(dtype: torch.dtype) -> None:
-    """DARE's mask at density 0.3 is torch.bernoulli's at 19661 / 2**16 (0.3 * 2**16 = 19660.8 rounded up),
-    draw for draw: in a million entries, the few whose draw falls between the two probabilities are kept."""
-    from evomerge.methods.sparsify import dare_keep_probability
-
-    assert dare_keep_probability(0.3, torch.float32) == 19661 / 2**16
-    assert dare_keep_probability(0.5, torch.float32) == 0.5  # a multiple already
-    # bfloat16 rounds 0.3 to 0.30078125 = 77 / 256 first, a multiple of 2**-16; 0.001 to 0.00099945068359375,
-    # then up to 66 / 2**16 (65.5 rounded up), which bfloat16 holds exactly.
-    assert dare_keep_probability(0.3, torch.bfloat16) == 77 / 256
-    assert dare_keep_probability(0.001, torch.bfloat16) == 66 / 2**16 == torch.tensor(66 / 2**16).bfloat16().item()
+def test_dare_keeps_each_entry_with_exactly_its_density(dtype: torch.dtype) -> None:
+    """DARE's mask is mergekit's ``torch.bernoulli(torch.full_like(delta, density))`` draw for draw, drawn
+    live or from the draws the in-place path keeps, and survivors are divided by that density (in the
+    draw dtype). In float32, 0.3 and 0.7 lie 51 and 205 in 2**24 below the next multiple of 2**-16: a
+    keep probability rounded up to one would keep about 15 more entries in these million."""
+    method = get_method("dare_linear")
     delta = torch.ones(1_000_000, dtype=dtype)
-    merged = call("dare_linear", torch.zeros_like(delta), delta[None], weight=1.0, density=0.3, rescale=False, seed=5)
-    probability = torch.tensor(dare_keep_probability(0.3, dtype), dtype=dtype)
-    rounded = torch.bernoulli(probability.expand(delta.shape), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(merged, rounded)
-    if dtype == torch.float32:
-        exact = torch.bernoulli(torch.full_like(delta, 0.3), generator=torch.Generator().manual_seed(5))
-        assert 0 < int((rounded != exact).sum()) < 20  # 51 / 2**24 of the draws: about 3 in a million
+    deltas = torch.stack([delta, delta])
+    kwargs = {
+        "weight": torch.tensor([1.0, 1.0], dtype=torch.float64),
+        "density": torch.tensor([0.3, 0.7], dtype=torch.float64),
+        "normalize": False,
+        "lambda_": 1.0,
+    }
+    generator = torch.Generator().manual_seed(5)
+    masks = [torch.bernoulli(torch.full_like(delta, p), generator=generator) for p in (0.3, 0.7)]
+    zero = torch.zeros_like(delta)
+    live = method.fn(zero, deltas, rescale=False, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(live, masks[0] + masks[1])
+    draws = method.precompute(zero, deltas, generator=torch.Generator().manual_seed(5))
+    if dtype != torch.float64:  # which keeps no draws: it draws live (see bernoulli)
+        kept = method.fn(zero, deltas, rescale=False, generator=torch.Generator(), precomputed=draws, **kwargs)
+        assert torch.equal(kept, live)
+    rescaled = method.fn(zero, deltas, rescale=True, generator=torch.Generator().manual_seed(5), **kwargs)
+    divisors = [torch.tensor(p, dtype=dtype) for p in (0.3, 0.7)]
+    assert torch.equal(rescaled, masks[0] / divisors[0] + masks[1] / divisors[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -761,7 +765,8 @@ def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torc
     )
     live = method.fn(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
     draws = method.precompute(base, deltas, generator=torch.Generator().manual_seed(11))
-    assert draws.shape == (2, 300_000) and draws.dtype == torch.int32  # three models' 16 bits, two per int32
+    assert draws.shape == deltas.shape and draws.dtype == torch.float32  # each model's 24-bit words
+    assert draws.nbytes == base.numel() * method.precompute_bytes(base.device, dtype, 3)  # what memory.py counts
     kept = method.fn(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
     assert torch.equal(live, expected) and torch.equal(kept, expected)
     assert not torch.equal(live, base)

@@ -167,6 +167,16 @@ def _cases() -> list[dict]:
             {"weight": [0.5, 0.5], "density": 0.5, "rescale": False},
             seed=8,
         ),
+        # A million entries per model: a keep probability off by a few in 2**24 (rounded to a multiple of
+        # 2**-16, say: 0.3 and 0.7 by 51 and 205) would keep about 15 entries mergekit drops.
+        _case(
+            "dare_linear-million",
+            "dare_linear",
+            (1000, 1000),
+            2,
+            {"weight": [0.5, 0.5], "density": [0.3, 0.7], "rescale": False},
+            seed=13,
+        ),
         _case(
             "dare_ties",
             "dare_ties",

@@ -6,11 +6,22 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.methods import get_method
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
 
 RECIPE_NAME = "evomerge_recipe.yaml"
 MERGEKIT_NAME = "mergekit_config.yml"
+# The mergekit section of a random method's card: its heading and why the config is not this model
+# (card_tail adds the YAML). Per-tensor seeds: materialize/plan.py; mergekit's: MergeOptions.random_seed.
+RANDOM_MERGEKIT_SECTION = """## The same method for mergekit (not the same model)
+
+mergekit draws this method's random masks from one global generator (`--random-seed` seeds it once for the
+whole merge), where evomerge seeds each tensor's generator from the recipe's `seed` and the tensor's name:
+this config merges with the same method and parameters but other masks, so it gives another model. With
+`rescale` on (the default), mergekit also scales the survivors to the task vector's L1 norm where evomerge
+divides each by its keep probability. To rebuild this model, merge `evomerge_recipe.yaml` with evomerge on
+the same kind of device (the masks come from that device's generator)."""
 
 
 def write_recipe_files(*, folder: Path, recipe: Recipe, scores: dict[str, float] | None = None) -> None:
@@ -30,7 +41,8 @@ def write_recipe_files(*, folder: Path, recipe: Recipe, scores: dict[str, float]
         *[f"- `{path}`" for path in ([recipe.base] if recipe.base else []) + recipe.model_paths],
         "",
     ]
-    lines += card_tail(scores, recipe_yaml, ("## The same merge for mergekit", mergekit_yaml))
+    heading = RANDOM_MERGEKIT_SECTION if get_method(recipe.method).random else "## The same merge for mergekit"
+    lines += card_tail(scores, recipe_yaml, (heading, mergekit_yaml))
     (folder / "README.md").write_text("\n".join(lines))
 
 

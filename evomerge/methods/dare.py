@@ -3,8 +3,6 @@ TIES-merge (dare_ties) the sparse task vectors."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from evomerge.methods import fused
@@ -17,14 +15,7 @@ from evomerge.methods.registry import (
     WEIGHT,
     merge_method,
 )
-from evomerge.methods.sparsify import (
-    DARE_STEPS,
-    bernoulli_words,
-    dare_keep_probability,
-    draw_dtype,
-    draws_words,
-    random_drop,
-)
+from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
@@ -33,46 +24,25 @@ _REFERENCE = "https://arxiv.org/abs/2311.03099"
 # arithmetic. 2**17 (half a megabyte of float32) measured fastest for the same chunked TIES merge:
 # 0.42 s per candidate on the merge bench against 0.48 s at 2**18 and 0.64 s at 2**16.
 _CHUNK = 1 << 17
-# Where the k-th model's draws sit in its packed int32 row (see pack_draws): the high half for even k.
-_SHIFTS = (16, 0)
 
 
 def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor | None:
-    """Every draw DARE can take from ``generator`` for these task vectors, whatever the densities, packed
-    (``pack_draws``): N rows of ``bernoulli_words``, the k-th model that drops (density < 1) taking row k.
+    """Every draw DARE can take from ``generator`` for these task vectors, whatever the densities:
+    N rows of ``bernoulli_words``, the k-th model that drops (density < 1) taking row k.
 
     Drawing is most of what a DARE merge costs on CPU (one Mersenne Twister word per entry), and a
-    search merges the same resident task vectors under one seed again and again; packed, the draws
-    cost 2 bytes per entry per model. None where ``bernoulli`` draws another way (on a GPU, in
-    float64): those draw per call.
+    search merges the same resident task vectors under one seed again and again. Each kept word is
+    the whole 24-bit number torch's Bernoulli compares with the keep probability, so the mask at any
+    density is the one drawn live, bit for bit; that costs 4 bytes per entry per model, as much as
+    float32 task vectors (fewer bits decide the mask only at probabilities rounded to fewer bits).
+    None where ``bernoulli`` draws another way (on a GPU, in float64): those draw per call.
     """
-    return pack_draws(bernoulli_words(deltas.shape, generator)) if draws_words(deltas.device, deltas.dtype) else None
+    return bernoulli_words(deltas.shape, generator) if draws_words(deltas.device, deltas.dtype) else None
 
 
 def dare_draws_bytes(device: torch.device, dtype: torch.dtype, count: int) -> int:
-    """What ``dare_draws`` keeps per entry for ``count`` models: an int32 per two models where it keeps draws."""
-    return 4 * -(-count // 2) if draws_words(device, dtype) else 0
-
-
-def pack_draws(words: torch.Tensor) -> torch.Tensor:
-    """``[N, *shape]`` 24-bit words (``bernoulli_words``) as ``[ceil(N / 2), numel]`` int32: row k's top 16
-    bits in the high half of packed row k // 2 for even k, the low half for odd k.
-
-    At DARE's keep probabilities (multiples of 2**-16, ``dare_keep_probability``) those bits decide each
-    mask, and two models' draws share one int32, which the compiled kernel loads and splits with integer
-    ops (it vectorizes int32, not int16).
-    """
-    top = words.reshape(words.shape[0], math.prod(words.shape[1:])).to(torch.int32).bitwise_right_shift_(8)
-    packed = top[0::2].bitwise_left_shift(_SHIFTS[0])
-    packed[: top[1::2].shape[0]].bitwise_or_(top[1::2])
-    return packed
-
-
-def _word_chunk(draws: torch.Tensor, row: int, span: slice) -> torch.Tensor:
-    """Row ``row`` of the packed draws over ``span`` as the words ``bernoulli`` compares: the top 16 bits
-    times 2**8, which compare with ``ceil(p * 2**24) = 2**8 * p * 2**16`` as the full words do."""
-    top = draws[row // 2, span].bitwise_right_shift(_SHIFTS[row % 2]).bitwise_and_(DARE_STEPS - 1)
-    return top.to(torch.float32).mul_(1 << 8)
+    """What ``dare_draws`` keeps per entry for ``count`` models: a float32 word per model where it keeps draws."""
+    return 4 * count if draws_words(device, dtype) else 0
 
 
 def _dare(
@@ -98,8 +68,7 @@ def _dare(
     if draws is None and draws_words(deltas.device, deltas.dtype):
         # Drawn live, the same words up front (one row per model that drops, in order), so the merge
         # can run in chunks here too.
-        rows = torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:]))
-        draws = pack_draws(bernoulli_words(rows, generator))
+        draws = bernoulli_words(torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:])), generator)
     if draws is None:
         dropped = torch.empty_like(deltas)
         for delta, keep, drop in zip(deltas, keeps, dropped, strict=True):
@@ -109,6 +78,7 @@ def _dare(
         )
     count = deltas.shape[0]
     flat_base, flat_deltas = base.reshape(-1), deltas.reshape(count, -1)
+    draws = draws.reshape(draws.shape[0], flat_base.numel())
     # A model kept whole draws nothing, as live: the k-th model that drops takes row k of the draws.
     dropping = iter(range(count))
     rows = [next(dropping) if keep < 1 else None for keep in keeps]
@@ -124,7 +94,7 @@ def _dare(
         span = slice(start, start + _CHUNK)
         dropped = block[:, : flat_base[span].numel()]
         for delta, keep, row, drop in zip(flat_deltas, keeps, rows, dropped, strict=True):
-            words = None if row is None else _word_chunk(draws, row, span)
+            words = None if row is None else draws[row, span]
             random_drop(delta[span], keep, drop, rescale=rescale, generator=generator, words=words)
         merge_task_vectors(
             flat_base[span],
@@ -151,23 +121,24 @@ def _dare_ties_fused(
     lambda_: float,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """DARE-TIES in one pass (see fused.py) over the packed draws: model k keeps the entries whose
-    16 draw bits are below ``p_k * 2**16`` (``random_drop``'s mask), and divides them by ``p_k``; a model
-    kept whole keeps every entry (cut 2**16, any row) and divides by 1 (exact), so it is copied as live."""
+    """DARE-TIES in one pass (see fused.py) over the kept words (``[rows, numel]``): model k keeps the
+    entries whose word is below ``ceil(p_k * 2**24)``, ``p_k`` its density rounded to the deltas' dtype as
+    ``random_drop`` rounds it (``bernoulli``'s mask), and divides them by ``p_k``; a model kept whole keeps
+    every word (cut 2**24, any row) and divides by 1 (exact), so it is copied as live."""
     work = deltas.dtype
+    probabilities = torch.tensor([min(keep, 1.0) for keep in keeps], dtype=work, device=deltas.device)
+    cuts = probabilities.float().mul(WORD_RANGE).ceil_()
     # random_drop divides by the probability clamped to the smallest normal number (see _draw_and_mask).
-    probabilities = [dare_keep_probability(keep, work) if keep < 1 else 1.0 for keep in keeps]
-    cuts = torch.tensor([round(p * DARE_STEPS) for p in probabilities], dtype=torch.int32, device=deltas.device)
-    divisors = torch.tensor(probabilities, dtype=work, device=deltas.device).clamp_(min=torch.finfo(work).tiny)
+    divisors = probabilities.clamp(min=torch.finfo(work).tiny)
     spare = next((row for row in rows if row is not None), 0)
-    slots = tuple((row // 2, _SHIFTS[row % 2]) for row in (spare if row is None else row for row in rows))
+    rows = tuple(spare if row is None else row for row in rows)
     out = torch.empty_like(base) if out is None else out
     return fused.ties_by_draws(
         out,
         base,
         deltas,
         draws,
-        slots,
+        rows,
         cuts,
         divisors,
         weight.to(work),

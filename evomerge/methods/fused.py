@@ -70,7 +70,7 @@ def ties_by_draws(
     base: torch.Tensor,
     deltas: torch.Tensor,
     draws: torch.Tensor,
-    slots: tuple[tuple[int, int], ...],
+    rows: tuple[int, ...],
     cuts: torch.Tensor,
     divisors: torch.Tensor,
     weights: torch.Tensor,
@@ -80,16 +80,12 @@ def ties_by_draws(
     rescale: bool,
     compiled: bool,
 ) -> torch.Tensor:
-    """DARE-TIES given its packed draws (int32 ``[rows, numel]``, dare.py): model i reads the 16 bits at
-    ``slots[i]`` = (row, shift) and keeps its entries where they are below ``cuts[i]`` (int32), divided
-    by ``divisors[i]`` when ``rescale``. ``divisors`` and ``weights`` in the deltas' dtype.
-
-    The draws go in viewed as float32 and come back to int32 inside the kernel: inductor's C++ loads
-    int32 vectors through a scalar copy (torch 2.13, ``Vectorized<int32_t>::loadu`` with a count), which
-    halves the kernel's speed; a float32 load and a bit cast cost nothing.
-    """
+    """DARE-TIES given its draws (float32 ``[N, numel]`` 24-bit words, dare.py): model i keeps its entries
+    where ``draws[rows[i]] < cuts[i]`` (the mask ``sparsify.bernoulli`` draws from the same words),
+    divided by ``divisors[i]`` when ``rescale``. ``cuts`` float32, ``divisors`` and ``weights`` in the
+    deltas' dtype."""
     kernel = _compile(_ties_by_draws) if compiled else _ties_by_draws
-    arguments = (draws.view(torch.float32), slots, cuts, divisors, weights, lambda_)
+    arguments = (draws, rows, cuts, divisors, weights, lambda_)
     _run(kernel, *_flat(out, base, deltas), *arguments, normalize=normalize, rescale=rescale)
     return out
 
@@ -107,13 +103,11 @@ def _ties_by_threshold(out, base, deltas, thresholds, weights, lambda_, *, norma
     return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
 
 
-def _ties_by_draws(out, base, deltas, draws, slots, cuts, divisors, weights, lambda_, *, normalize, rescale):
-    bits = draws.view(torch.int32)
+def _ties_by_draws(out, base, deltas, draws, rows, cuts, divisors, weights, lambda_, *, normalize, rescale):
     weighted = []
-    for delta, (row, shift), cut, p, w in zip(deltas, slots, cuts, divisors, weights, strict=True):
+    for delta, row, cut, p, w in zip(deltas, rows, cuts, divisors, weights, strict=True):
         kept = delta / p if rescale else delta
-        drawn = (bits[row] >> shift) & 0xFFFF
-        weighted.append(torch.where(drawn < cut, kept, 0.0) * w)
+        weighted.append(torch.where(draws[row] < cut, kept, 0.0) * w)
     return _agreeing_sum(out, base, weighted, weights, lambda_, normalize=normalize)
 
 

@@ -12,14 +12,11 @@ rescale instead: an entry kept with probability ``p`` is divided by ``p`` (DARE'
 DELLA's per-entry ``1 / p_i``), so the expected sparsified task vector is the original one exactly, as
 the project's merge-engine issue asks. mergekit 0.1.5 applies its L1 ratio there too, which is biased
 (for DELLA towards large entries, whose keep probabilities are higher); so a rescaled DARE or DELLA merge
-differs from mergekit's by that scale, while the masks it draws are mergekit's, draw for draw (DARE's at
-its density rounded up to a multiple of 2**-16: ``dare_keep_probability``).
+differs from mergekit's by that scale, while the masks it draws are mergekit's, draw for draw: each entry
+kept with exactly the probability asked for (``torch.bernoulli``'s comparison, see ``bernoulli``).
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 
@@ -29,8 +26,6 @@ from evomerge.errors import EvomergeError
 _RESCALE_EPS = 1e-7
 # torch's CPU Bernoulli compares the low 24 bits of one Mersenne Twister word per entry (see ``bernoulli``).
 WORD_RANGE = 1 << 24
-# DARE keeps each entry with its density rounded up to a multiple of 1 / DARE_STEPS (dare_keep_probability).
-DARE_STEPS = 1 << 16
 
 
 def rescale_l1_(pruned: torch.Tensor, original: torch.Tensor) -> None:
@@ -97,25 +92,8 @@ def random_drop(
     if density >= 1:
         out.copy_(delta)
         return
-    work = draw_dtype(delta)
-    keep_probability = torch.full((), dare_keep_probability(density, work), dtype=work, device=delta.device)
+    keep_probability = torch.full((), density, dtype=draw_dtype(delta), device=delta.device)
     _draw_and_mask(delta, keep_probability, out, rescale=rescale, generator=generator, words=words)
-
-
-@functools.lru_cache(maxsize=1024)  # per model and tensor for every candidate; few distinct arguments at a time
-def dare_keep_probability(density: float, dtype: torch.dtype) -> float:
-    """The probability DARE keeps an entry with at ``density``: the density rounded to the draw dtype
-    (as any Bernoulli draw in that dtype rounds it), then up to a multiple of 2**-16, which moves it by
-    less than 1.6e-5.
-
-    At such a probability ``p = c / 2**16`` the mask ``bernoulli`` draws depends on the top 16 of the 24
-    bits it compares, since ``r < 2**8 c`` iff ``r >> 8 < c``: the in-place path keeps 2 bytes per entry
-    and model of draws instead of 4, and its compiled kernel reads that much less (dare.py). The value
-    is exact in every float dtype (where bfloat16's spacing is finer than 2**-16, ``c`` has at most 8
-    significant bits; float16's, 11), so survivors are divided by the very probability they were kept with.
-    """
-    rounded = torch.tensor(density, dtype=dtype).item()
-    return min(math.ceil(rounded * DARE_STEPS), DARE_STEPS) / DARE_STEPS
 
 
 def della_magprune(
