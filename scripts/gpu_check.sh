@@ -18,7 +18,8 @@
 #   bench     scripts/bench_merge.py --device cuda --dtype bfloat16 (no mergekit there: no (d) column)
 #   memory    scripts/bench_memory.py on the device over 300 candidates (TIES, DARE-TIES)
 #   search    a short toy search on the device with the serial executor, then its export, reloaded
-# The tables land in OUT/results/ as *_cuda.md, to be committed as results/*_cuda.md.
+# The tables land in OUT/results/ as *_cuda.md, and scripts/gpu_report.py gathers every step's figures into
+# OUT/gpu_check_cuda.md: commit it as results/gpu_check_cuda.md.
 # With DEVICE=cpu it is the same check on the CPU (a dry run in a fresh venv).
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT [cuda|cpu]}
@@ -66,14 +67,14 @@ step install 40 bash -c "'$PY' -m pip install --no-index --find-links .whl/gpu -
     && '$PY' -m pip install --no-index --find-links .whl/gpu --no-deps -r .whl/gpu/requirements-nodeps.txt \
     && '$PY' -m pip list"
 
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
     tests/test_device_merge.py "tests/test_methods.py::test_runs_on_cuda_like_on_cpu" \
     tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py
 
 step bench 90 "$PY" scripts/bench_merge.py --device "$DEVICE" --dtype bfloat16 --repeats 5 --runs 1 \
     --work /tmp/evomerge-bench --out "$OUT/results/bench_merge_$DEVICE.md"
 
-step memory 100 "$PY" scripts/bench_memory.py --device "$DEVICE" --dtype bfloat16 --candidates 300 \
+step memory 130 "$PY" scripts/bench_memory.py --device "$DEVICE" --dtype bfloat16 --candidates 300 \
     --searches "ties (PS),dare_ties (PS)" --out "$OUT/results/bench_memory_$DEVICE.md"
 
 step search 60 bash -c "evomerge search preset=toy executor=serial optimizer=cmaes device=$DEVICE dtype=bfloat16 \
@@ -81,6 +82,7 @@ step search 60 bash -c "evomerge search preset=toy executor=serial optimizer=cma
     && evomerge export /tmp/evomerge-gpu-run /tmp/evomerge-gpu-best \
     && '$PY' -c \"from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('/tmp/evomerge-gpu-best'); print('reloaded', type(m).__name__, sum(p.numel() for p in m.parameters()))\""
 
-cp /tmp/evomerge-gpu-run/summary.* "$OUT/results/" 2>/dev/null || true
 echo "total $(($(date +%s) - began)) s" | tee -a "$OUT/steps.md"
+# One table of it all, beside the logs (commit it as results/gpu_check_<device>.md).
+"$PY" scripts/gpu_report.py "$OUT" --out "$OUT/gpu_check_$DEVICE.md"
 cat "$OUT/steps.md"

@@ -192,13 +192,17 @@ def test_precomputed_gives_the_same_merge(
             cached = call(name, base, models, **overrides, precomputed=precomputed)
             assert torch.equal(plain, cached), (density, normalize)
     assert not fused._broken
-    assert bool(fused._compiled) or not compiled
+    # Compiled where this torch's kernels are known bit-equal (fused.checked_bit_equal); eager elsewhere.
+    assert bool(fused._compiled) or not (compiled and fused.checked_bit_equal("cpu", dtype, torch.__version__))
 
 
 def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """A machine where torch.compile fails (no C++ compiler, say) merges with the same functions run
     eagerly: a warning, the same numbers, and no further attempt."""
     from evomerge.methods import fused
+
+    if not fused.checked_bit_equal("cpu", torch.float32, torch.__version__):
+        pytest.skip(f"torch {torch.__version__} runs the kernels eagerly on the CPU: nothing is compiled")
 
     def broken_compile(fn, **options):
         def raises(*args, **kwargs):
@@ -788,3 +792,16 @@ def test_kth_largest_is_what_kthvalue_finds() -> None:
         for k in (1, 2, 3, 4, 600, 1000, 2500, 4100, 4500, 4501, 4999, 5000):
             assert kth_largest(key, k) == torch.kthvalue(key, key.numel() - k + 1).values, k
     assert kth_largest(magnitudes.double(), 7) == torch.kthvalue(magnitudes.double(), 5000 - 7 + 1).values
+
+
+def test_compiled_kernels_run_only_where_they_were_checked_bit_equal() -> None:
+    from evomerge.methods import fused
+    from evomerge.methods.fused import checked_bit_equal
+
+    assert checked_bit_equal("cpu", torch.float32, "2.13.0+cpu") and checked_bit_equal("cpu", torch.bfloat16, "2.14.1")
+    assert not checked_bit_equal("cpu", torch.bfloat16, "2.11.0+cu130")  # 1-ulp differences seen there
+    assert checked_bit_equal("cuda", torch.bfloat16, "2.11.0+cu130")
+    assert not checked_bit_equal("cuda", torch.float32, "2.11.0+cu130")  # results/gpu_check_cuda.md
+    assert not fused.worth_fusing(torch.empty(1 << 16, device="meta"))  # a device never checked
+    here = checked_bit_equal("cpu", torch.float32, torch.__version__)
+    assert fused.worth_fusing(torch.empty(1 << 16)) == here and not fused.worth_fusing(torch.empty(16))
