@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
 
 # The configs ship inside the package, so `pip install .` gives a working `evomerge search` from any
@@ -22,10 +23,7 @@ from evomerge.errors import EvomergeError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+DType = Enum("DType", [(name, name) for name in DTYPE_NAMES], type=str)  # evomerge/dtypes.py names them
 
 
 @dataclass

@@ -32,11 +32,12 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.logging import disable_progress_bar
 
+from evomerge.dtypes import torch_dtype
 from evomerge.io.atomic import atomic_write_text
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.writer import ShardedWriter
 from evomerge.materialize.in_place import InPlaceMerger
-from evomerge.materialize.to_disk import DTYPES, InputReader, merge_to_disk
+from evomerge.materialize.to_disk import InputReader, merge_to_disk
 from evomerge.methods import get_method
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
@@ -263,7 +264,7 @@ def find_mergekit(given: str | None) -> str | None:
 
 
 def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools: dict) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     recipe = make_recipe(method, paths, args.dtype)
     runs = args.work / "runs" / method
     shutil.rmtree(runs, ignore_errors=True)
@@ -387,7 +388,7 @@ def main() -> None:
         os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     disable_progress_bar()
     load_before, started = os.getloadavg(), time.perf_counter()
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     paths = build_models(args.work / f"models-x{args.scale:g}-{args.dtype}-seed{SEED}", scale=args.scale, dtype=dtype)
     mergekit = find_mergekit(args.mergekit_yaml)
     shard_mib = f"{SHARD_BYTES / 2**20:.4f}"  # the same byte threshold as mergekit's

@@ -9,11 +9,11 @@ import math
 import psutil
 import torch
 
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.plan import validate
 from evomerge.materialize.sources import MergeSources
-from evomerge.materialize.to_disk import DTYPES
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 
@@ -22,7 +22,7 @@ def resident_bytes(template: Recipe | DataFlowRecipe, dtype: str) -> tuple[int, 
     """``(bytes, copies)`` a worker keeps resident. A PS worker holds the working model plus the base and
     every expert as the method reads them (task vectors or raw tensors), each a full copy of the model's
     tensors; a DFS worker holds each source model once (paths reference their layers, never copy them)."""
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     if isinstance(template, DataFlowRecipe):
         checkpoints = [Checkpoint.open(source) for source in template.sources]
         elements = sum(_entries(checkpoint) for checkpoint in checkpoints)
@@ -52,7 +52,7 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
         return 0
     method = validate(template)
     entries = _entries(MergeSources.open(template, method).reference)
-    return entries * method.precompute_bytes(device, DTYPES[dtype], len(template.models))
+    return entries * method.precompute_bytes(device, torch_dtype(dtype), len(template.models))
 
 
 class SourcesDoNotFit(EvomergeError):

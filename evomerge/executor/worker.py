@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from evomerge.dtypes import torch_dtype
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.executor.memory import check_sources_fit
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import DataFlowRouter
 from evomerge.materialize.in_place import InPlaceMerger
-from evomerge.materialize.to_disk import DTYPES, resolve_device
+from evomerge.materialize.to_disk import resolve_device
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 
@@ -77,12 +78,12 @@ class Worker:
         device = resolve_device(spec.device)
         check_sources_fit(template, device=device, dtype=spec.dtype)
         if isinstance(template, DataFlowRecipe):
-            self.merger = DataFlowRouter.load(template, device=device, dtype=DTYPES[spec.dtype])
+            self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
             tokenizer_source = template.sources[template.embedding_source]
         else:
             reference = template.base if template.base is not None else template.models[0].model
             folder = resolve_model(reference).path  # a hub ID's cached snapshot
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[spec.dtype]).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(spec.dtype)).to(device).eval()
             self.merger = InPlaceMerger(model=model, template=template)
             tokenizer_source = template.tokenizer_source or reference
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source).path)

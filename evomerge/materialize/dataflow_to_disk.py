@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.dtypes import torch_dtype
 from evomerge.io.atomic import atomic_folder, refuse_existing
 from evomerge.io.checkpoint import layer_index
 from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.dataflow import open_sources, per_layer_values, source_configs
 from evomerge.materialize.model_card import RECIPE_NAME, card_tail
-from evomerge.materialize.to_disk import DTYPES
 from evomerge.recipe.dataflow import DataFlowRecipe, to_passthrough
 
 MERGEKIT_NAME = "mergekit_config.yml"
@@ -49,7 +49,7 @@ def write_dataflow_model(
     if not recipe.unit_scales:
         config.update(_scaled_model_config(config["model_type"]), input_scales=[step.scale for step in recipe.path])
     first = ends.names[0]
-    dtype = DTYPES[recipe.dtype] if recipe.dtype else ends.dtype(first)
+    dtype = torch_dtype(recipe.dtype) if recipe.dtype else ends.dtype(first)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
         for name in ends.names:

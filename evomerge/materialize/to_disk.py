@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_folder, refuse_existing
 from evomerge.io.locate import resolve_model
@@ -16,8 +17,6 @@ from evomerge.materialize.plan import method_kwargs, validate
 from evomerge.materialize.sources import MergeSources
 from evomerge.methods import MergeMethod
 from evomerge.recipe.recipe import Recipe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +47,7 @@ def merge_to_disk(
     torch_device = resolve_device(device)
     reference = sources.reference
     first = reference.names[0]
-    out_dtype = DTYPES[dtype or recipe.dtype] if (dtype or recipe.dtype) else reference.dtype(first)
+    out_dtype = torch_dtype(dtype or recipe.dtype) if (dtype or recipe.dtype) else reference.dtype(first)
     tokenizer_source = (
         sources.reference.path if recipe.tokenizer_source is None else resolve_model(recipe.tokenizer_source).path
     )

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import yaml
 
+from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
 from evomerge.recipe.canonical import canonical_yaml
-from evomerge.recipe.recipe import DTYPES
 
 KIND = "dataflow"
 _TOP_KEYS = {"kind", "sources", "embedding_source", "path", "max_path_length", "dtype"}
@@ -131,8 +131,8 @@ class DataFlowRecipe:
                 f"use a source index from 0 to {len(sources) - 1}",
             )
         dtype = data.get("dtype")
-        if dtype is not None and dtype not in DTYPES:
-            raise EvomergeError(f"{where}: dtype '{dtype}' is not supported", f"use one of {', '.join(DTYPES)}")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise EvomergeError(f"{where}: dtype '{dtype}' is not supported", f"use one of {', '.join(DTYPE_NAMES)}")
         cap = data.get("max_path_length")
         return cls(
             sources=tuple(str(s) for s in sources),

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
 from evomerge.recipe.canonical import canonical_yaml
 from evomerge.recipe.setting import Setting
 
 FORMAT_KEY = "method"
 _TOP_KEYS = {"method", "base", "models", "parameters", "dtype", "tokenizer_source", "seed", "allow_negative_weights"}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ class Recipe:
 
 
 def _check_dtype(dtype: object, where: str) -> str | None:
-    if dtype is not None and dtype not in DTYPES:
-        raise EvomergeError(f"{where}: dtype '{dtype}' is not supported", f"use one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise EvomergeError(f"{where}: dtype '{dtype}' is not supported", f"use one of {', '.join(DTYPE_NAMES)}")
     return dtype  # type: ignore[return-value]
 
 
