@@ -88,7 +88,7 @@ def check_compatible(reference: Checkpoint, others: Sequence[Checkpoint]) -> Non
             raise EvomergeError(
                 f"'{other.ref}' and '{reference.ref}' hold different tensors "
                 f"({len(missing)} missing, {len(extra)} extra, e.g. '{example}')",
-                "merge models of one architecture saved the same way (tied embeddings must match too)",
+                "merge models of one architecture saved the same way",
             )
         for name in reference.names:
             if reference.shape(name) != other.shape(name):

@@ -25,6 +25,8 @@ class InPlaceMerger:
     def __init__(self, *, model: torch.nn.Module, template: Recipe) -> None:
         method = validate(template)
         sources = MergeSources.open(template, method)
+        if sources.tied:
+            untie_head(model)
         parameters = dict(model.named_parameters())
         missing = [name for name in sources.reference.names if name not in parameters]
         if missing:
@@ -84,6 +86,15 @@ class InPlaceMerger:
                 "build a new InPlaceMerger for that set of models and that family of methods",
             )
         return method
+
+
+def untie_head(model: torch.nn.Module) -> None:
+    """Give a model loaded with tied embeddings a head of its own, as the merge of tied and untied sources
+    has (``MergeSources.open``); the config says so, or transformers would tie them again (``tie_weights``)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+    model.config.tie_word_embeddings = False
 
 
 def _source_key(recipe: Recipe) -> tuple[str | None, tuple[str, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -24,7 +25,11 @@ divides each by its keep probability. To rebuild this model, merge `evomerge_rec
 the same kind of device (the masks come from that device's generator)."""
 
 
-def write_recipe_files(*, folder: Path, recipe: Recipe, scores: dict[str, float] | None = None) -> None:
+def write_recipe_files(
+    *, folder: Path, recipe: Recipe, scores: dict[str, float] | None = None, tied: Sequence[str] = ()
+) -> None:
+    """The recipe, its mergekit config and the card; ``tied``: sources saved with tied embeddings that
+    were merged with untied ones (``MergeSources.tied``)."""
     recipe_yaml = recipe.to_yaml()
     mergekit_yaml = yaml.safe_dump(to_mergekit(recipe), sort_keys=False, default_flow_style=None)
     (folder / RECIPE_NAME).write_text(recipe_yaml)
@@ -41,9 +46,22 @@ def write_recipe_files(*, folder: Path, recipe: Recipe, scores: dict[str, float]
         *[f"- `{path}`" for path in ([recipe.base] if recipe.base else []) + recipe.model_paths],
         "",
     ]
+    if tied:
+        lines += [untied_note(tied), ""]
     heading = RANDOM_MERGEKIT_SECTION if get_method(recipe.method).random else "## The same merge for mergekit"
     lines += card_tail(scores, recipe_yaml, (heading, mergekit_yaml))
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def untied_note(tied: Sequence[str]) -> str:
+    return (
+        "Its embeddings are untied (`tie_word_embeddings: false`, its own `lm_head.weight`): "
+        + ", ".join(f"`{ref}`" for ref in tied)
+        + " tied them and the other sources did not, so its LM head merges those sources' input embeddings "
+        "(what transformers uses as their head) with the others' heads. mergekit writes the same tensors from "
+        "the config below but keeps the base model's `tie_word_embeddings`: where that is true, set it to false "
+        "in mergekit's config.json (transformers 4 ties them again on loading, the head becoming the embedding)."
+    )
 
 
 def card_tail(scores: dict[str, float] | None, recipe_yaml: str, mergekit: tuple[str, str] | None) -> list[str]:

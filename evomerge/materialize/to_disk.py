@@ -68,7 +68,7 @@ def merge_to_disk(
             source=reference.path,
             tokenizer_source=tokenizer_source,
         )
-        write_recipe_files(folder=tmp, recipe=recipe, scores=scores)
+        write_recipe_files(folder=tmp, recipe=recipe, scores=scores, tied=sources.tied)
     return out_dir
 
 
