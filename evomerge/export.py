@@ -12,6 +12,7 @@ from evomerge.errors import EvomergeError
 from evomerge.materialize.dataflow_to_disk import write_dataflow_model
 from evomerge.materialize.to_disk import merge_to_disk
 from evomerge.methods import get_method
+from evomerge.recipe.canonical import canonical_key
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.plain import recipe_from_plain
 from evomerge.search.run_folder import RunFolder
@@ -84,7 +85,8 @@ def _ranked(rows: list[dict]) -> list[dict]:
     """Distinct successful candidates, best first by the first objective (earliest first among ties)."""
     seen, out = set(), []
     for row in rows:
-        if row["error"] is None and row["scores"][0] is not None and row["key"] not in seen:
-            seen.add(row["key"])
+        key = canonical_key(row["recipe"])  # not row["key"]: older runs wrote it in another format
+        if row["error"] is None and row["scores"][0] is not None and key not in seen:
+            seen.add(key)
             out.append(row)
     return sorted(out, key=lambda r: -r["scores"][0])

@@ -70,7 +70,7 @@ def test_to_disk_reloads_and_equals_in_place(toy_world, tmp_path, method):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
     assert load_recipe(out / "evomerge_recipe.yaml") == recipe
-    assert load_recipe(out / "mergekit_config.yml").canonical() == recipe.canonical().replace("seed: 7", "seed: 0")
+    assert load_recipe(out / "mergekit_config.yml").canonical() == recipe.canonical().replace('"seed": 7', '"seed": 0')
     # The card calls the mergekit config the same merge only where mergekit's output is the same model: a
     # random method's masks come from mergekit's one global generator there, not from our per-tensor seeds.
     card = (out / "README.md").read_text()

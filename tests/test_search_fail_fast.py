@@ -84,3 +84,26 @@ def test_failures_that_differ_or_are_mixed_with_successes_do_not_stop_it(toy_wor
 def test_fail_fast_is_a_positive_count_or_off(toy_world, tmp_path):
     with pytest.raises(EvomergeError, match="budget.fail_fast=0 is not allowed"):
         start(config(toy_world, tmp_path / "run", "budget.fail_fast=0"), tmp_path / "run")
+
+
+def test_a_run_logged_with_the_old_yaml_keys_resumes_exactly(toy_world, tmp_path):
+    """Keys were one line of YAML before they were JSON: a resume computes them again from the recipes."""
+    import json
+
+    import yaml
+
+    straight = tmp_path / "straight"
+    start(config(toy_world, straight), straight)
+    old = tmp_path / "old"
+    start(config(toy_world, old, "budget.evaluations=4"), old)
+    log = old / "evaluations.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for row in rows:
+        row["key"] = yaml.dump(row["recipe"], sort_keys=True, default_flow_style=True, width=1 << 30)
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    resume(old, ["budget.evaluations=8"], force=True)
+
+    def logged(run_dir):
+        return [(row["recipe"], row["scores"], row["cached"]) for row in RunFolder(run_dir).read_evaluations()]
+
+    assert logged(old) == logged(straight) and len(logged(old)) == 8

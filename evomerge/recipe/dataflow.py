@@ -26,7 +26,7 @@ import yaml
 
 from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
-from evomerge.recipe.canonical import canonical_yaml
+from evomerge.recipe.canonical import canonical_key
 
 KIND = "dataflow"
 _TOP_KEYS = {"kind", "sources", "embedding_source", "path", "max_path_length", "dtype"}
@@ -101,7 +101,7 @@ class DataFlowRecipe:
 
     def canonical(self) -> str:
         """One string per distinct model: the key of the evaluation cache."""
-        return canonical_yaml(self.to_plain())
+        return canonical_key(self.to_plain())
 
     @classmethod
     def from_plain(cls, data: dict, *, where: str = "data-flow recipe") -> DataFlowRecipe:

@@ -28,7 +28,7 @@ import yaml
 
 from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
-from evomerge.recipe.canonical import canonical_yaml
+from evomerge.recipe.canonical import canonical_key
 from evomerge.recipe.setting import Setting
 
 FORMAT_KEY = "method"
@@ -79,7 +79,7 @@ class Recipe:
 
     def canonical(self) -> str:
         """One string per distinct merge: the key of the evaluation cache."""
-        return canonical_yaml(self.to_plain())
+        return canonical_key(self.to_plain())
 
     @classmethod
     def from_plain(cls, data: dict, *, where: str = "recipe") -> Recipe:

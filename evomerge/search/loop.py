@@ -29,6 +29,7 @@ from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate, Genome
 from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
+from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import Best, SearchState
@@ -169,10 +170,12 @@ def resume_state(
             "resume with the in_flight value the run was started with (see its config.yaml)",
         )
     kept, dropped = run.truncate_evaluations(state.evaluations)
-    state.cache = {row["key"]: _cached(row) for row in kept if not row["cached"]}
+    # Keys are computed again from each row's recipe, so a log written with another key format (one line
+    # of YAML, before evomerge 0.2) resumes exactly.
+    state.cache = {canonical_key(row["recipe"]): _cached(row) for row in kept if not row["cached"]}
     replay: dict[str, dict] = {}
     for row in dropped:
-        replay.setdefault(row["key"], row)  # the evaluated row; later rows with its key were cache hits
+        replay.setdefault(canonical_key(row["recipe"]), row)  # the evaluated row; later ones with its key were hits
     return state, replay
 
 
