@@ -84,8 +84,11 @@ def test_search_killed_with_sigkill_resumes_to_the_same_result(toy_world, tmp_pa
     assert len(reference) == 12 and (straight_run / "fitness.png").exists()
 
     run_dir = tmp_path / "killed"
-    kill_when_logged(run_dir, evomerge("search", *overrides(toy_world, run_dir)), 2)  # mid-generation
-    assert 0 < len(RunFolder(run_dir).read_evaluations()) < 4
+    # Meant to land mid-generation; on a loaded machine a generation of these tiny candidates can finish
+    # between two polls, so only "before the end" is asserted (test_search_checkpoint.py kills mid-generation
+    # deterministically, in process).
+    kill_when_logged(run_dir, evomerge("search", *overrides(toy_world, run_dir)), 2)
+    assert 0 < len(RunFolder(run_dir).read_evaluations()) < 12
     kill_when_logged(run_dir, evomerge("resume", str(run_dir)), 5)  # just past a checkpoint
     assert len(RunFolder(run_dir).read_evaluations()) < 12
     finished(["resume", str(run_dir)])
