@@ -23,43 +23,12 @@ from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import merge_to_disk
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
+from tests.families import FAMILIES
+from tests.families import SIZES as SHARED_SIZES
 
 MERGEKIT_PYTHON = os.environ.get("EVOMERGE_MERGEKIT_PYTHON")
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
-SIZES = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=None,  # greedy generation runs its full length
-)
-GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0)
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500000.0,
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=16,
-)
-# Family -> (model_type, config overrides). Llama 3.1 8B is untied, 3.2 1B/3B tied; Qwen2.5 7B untied
-# (q/k/v biases), Qwen3 0.6B-4B tied (q/k norms); Gemma ties and offsets its norms (1 + w); Phi-3 fuses
-# qkv_proj and gate_up_proj.
-FAMILIES = {
-    "llama": ("llama", dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
-    "llama_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
-    "mistral": ("mistral", dict(tie_word_embeddings=False)),
-    "qwen2": ("qwen2", dict(tie_word_embeddings=False)),
-    "qwen3": ("qwen3", dict(head_dim=16, tie_word_embeddings=True)),
-    "gemma2": ("gemma2", dict(GEMMA, attn_logit_softcapping=50.0)),
-    "gemma3_text": ("gemma3_text", GEMMA),
-    "phi3": ("phi3", dict(tie_word_embeddings=False)),
-}
+SIZES = dict(SHARED_SIZES, num_hidden_layers=2)
 # One recipe per method: linear of the two fine-tunes; the others on the base, with per-layer gradients.
 RECIPES = {
     "linear": dict(base=False, models=[{"weight": [0.3, 0.7]}, {"weight": 0.5}]),

@@ -20,45 +20,19 @@ from evomerge.materialize.dataflow import CACHE_ARGUMENTS, FAMILIES, DataFlowRou
 from evomerge.materialize.dataflow_modeling import SCALED_MODELS
 from evomerge.materialize.dataflow_to_disk import MODELING_NAME, write_dataflow_model
 from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
+from tests.families import FAMILIES as ARCHITECTURES
+from tests.families import SIZES as SHARED_SIZES
+from tests.families import WINDOW
 
 IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 20, 21, 22, 23, 24, 25, 26, 27]])
-WINDOW = 4
 SIZES = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
+    SHARED_SIZES,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
     initializer_range=0.2,  # larger than a real model's, so that each layer moves the logits visibly
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=None,  # greedy generation runs its full length
 )
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Which layers slide, per source: a path taking layer 0 of both sources mixes the kinds.
 LAYER_TYPES = ([SLIDING, FULL, SLIDING], [FULL, SLIDING, FULL])
-GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, final_logit_softcapping=5.0)
-# Llama 3.x: grouped-query attention and the llama3 rope scaling; 3.1 8B is untied, 3.2 1B and 3B are tied.
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500000.0,
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=16,
-)
-ARCHITECTURES = {
-    "llama": ("llama", dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
-    "llama_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
-    "mistral": ("mistral", dict(sliding_window=WINDOW)),
-    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW)),
-    "qwen3": ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW)),
-    "gemma2": ("gemma2", dict(GEMMA, attn_logit_softcapping=20.0)),
-    "gemma3_text": ("gemma3_text", GEMMA),
-    "phi3": ("phi3", dict(tie_word_embeddings=False)),
-}
 EMBEDDING_SOURCE = 1
 
 
