@@ -16,12 +16,24 @@ def _merge(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from evomerge.materialize.dataflow_to_disk import write_dataflow_model
+    from evomerge.materialize.slices_to_disk import write_slices_model
     from evomerge.materialize.to_disk import merge_to_disk
     from evomerge.recipe.dataflow import DataFlowRecipe
     from evomerge.recipe.plain import load_any_recipe
+    from evomerge.recipe.slices import SlicesRecipe
 
     start = time.perf_counter()
     recipe = load_any_recipe(args.recipe)
+    if isinstance(recipe, SlicesRecipe):
+        out = write_slices_model(
+            recipe if args.dtype is None else replace(recipe, dtype=args.dtype),
+            args.out_dir,
+            device=args.device,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.shard_size_mb * 1024**2),
+        )
+        print(f"wrote the {recipe.num_layers}-layer stack of slices to {out} in {time.perf_counter() - start:.1f} s")
+        return
     if isinstance(recipe, DataFlowRecipe):  # layers are copied, not computed: no device involved
         out = write_dataflow_model(
             recipe if args.dtype is None else replace(recipe, dtype=args.dtype),

@@ -109,8 +109,9 @@ def source_configs(paths: Sequence[str | Path]) -> list:
     return [AutoConfig.from_pretrained(path) for path in paths]
 
 
-def open_sources(paths: Sequence[str]) -> list[Checkpoint]:
-    """Open the sources and check that their layers can follow one another; say why not otherwise."""
+def open_sources(paths: Sequence[str], *, role: str = "data-flow source") -> list[Checkpoint]:
+    """Open the sources and check that their layers can follow one another; say why not otherwise
+    (``role``: what the error calls a source)."""
     checkpoints = [Checkpoint.open(path) for path in paths]
     for checkpoint in checkpoints:
         family_of(checkpoint.config.get("model_type"))
@@ -121,7 +122,7 @@ def open_sources(paths: Sequence[str]) -> list[Checkpoint]:
             mine, theirs = getattr(reference, key, None), getattr(other, key, None)
             if mine != theirs:
                 raise EvomergeError(
-                    f"data-flow source '{checkpoint.path}' has {key} = {theirs} but '{checkpoints[0].path}' has "
+                    f"{role} '{checkpoint.path}' has {key} = {theirs} but '{checkpoints[0].path}' has "
                     f"{key} = {mine}, so the hidden state of one cannot flow through the layers of the other",
                     "use sources of one architecture and width (their layer counts may differ)",
                 )

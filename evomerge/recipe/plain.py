@@ -8,6 +8,7 @@ import yaml
 
 from evomerge.recipe.dataflow import KIND, DataFlowRecipe
 from evomerge.recipe.recipe import Recipe, load_recipe
+from evomerge.recipe.slices import SlicesRecipe
 
 
 def recipe_from_plain(data: dict, *, where: str = "recipe") -> Recipe | DataFlowRecipe:
@@ -17,8 +18,9 @@ def recipe_from_plain(data: dict, *, where: str = "recipe") -> Recipe | DataFlow
     return Recipe.from_plain(data, where=where)
 
 
-def load_any_recipe(path: str | Path) -> Recipe | DataFlowRecipe:
-    """A recipe file: a data-flow recipe (``kind: dataflow``), else whatever ``load_recipe`` reads."""
+def load_any_recipe(path: str | Path) -> Recipe | DataFlowRecipe | SlicesRecipe:
+    """A recipe file: a data-flow recipe (``kind: dataflow``), a mergekit config in the ``slices:`` form,
+    else whatever ``load_recipe`` reads."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -26,4 +28,6 @@ def load_any_recipe(path: str | Path) -> Recipe | DataFlowRecipe:
         data = None  # load_recipe names the syntax error
     if isinstance(data, dict) and data.get("kind") == KIND:
         return DataFlowRecipe.from_plain(data, where=str(path))
+    if isinstance(data, dict) and "merge_method" in data and "slices" in data:
+        return SlicesRecipe.from_mergekit(data, where=str(path))
     return load_recipe(path)
