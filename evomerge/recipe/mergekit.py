@@ -17,8 +17,8 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
     if unsupported:
         raise EvomergeError(
             f"{where}: mergekit key(s) {sorted(unsupported)} are not supported by evomerge "
-            "(it reads the 'models:' form, not 'slices:' or 'modules:')",
-            "rewrite the config with 'models:', or run that one with mergekit",
+            "(a search recipe takes the 'models:' form; `evomerge merge` also takes 'slices:', never 'modules:')",
+            "rewrite the config with 'models:' (or 'slices:' for `evomerge merge`), or run that one with mergekit",
         )
     method = get_method(str(data["merge_method"]))
     base = data.get("base_model")
