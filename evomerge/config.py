@@ -30,6 +30,8 @@ DType = Enum("DType", [(name, name) for name in DTYPE_NAMES], type=str)  # evome
 class ModelsConfig:
     base: str = MISSING
     experts: list[str] = MISSING
+    # Vocabularies that differ (an added token): base, union or a model's path, as in mergekit; null: all alike
+    tokenizer_source: str | None = None
 
 
 @dataclass

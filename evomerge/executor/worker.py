@@ -79,14 +79,16 @@ class Worker:
         check_sources_fit(template, device=device, dtype=spec.dtype)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
-            tokenizer_source = template.sources[template.embedding_source]
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(template.sources[template.embedding_source]).path)
         else:
             reference = template.base if template.base is not None else template.models[0].model
             folder = resolve_model(reference).path  # a hub ID's cached snapshot
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(spec.dtype)).to(device).eval()
             self.merger = InPlaceMerger(model=model, template=template)
-            tokenizer_source = template.tokenizer_source or reference
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source).path)
+            # A tokenizer_source gives the merge its own vocabulary, which the model was resized to.
+            tokenizer = self.merger.tokenizer
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
 
     def evaluate(self, recipe: Recipe | DataFlowRecipe) -> Outcome:

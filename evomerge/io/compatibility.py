@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from evomerge.errors import EvomergeError
@@ -70,8 +70,14 @@ def check_mergeable(*, ref: str, config: Mapping, names: Sequence[str], non_floa
         )
 
 
-def check_compatible(reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
-    """Raise an ``EvomergeError`` naming the first architecture, tensor-name or shape mismatch."""
+def check_compatible(
+    reference: Checkpoint, others: Sequence[Checkpoint], *, vocabulary: Collection[str] = (), remapped: bool = False
+) -> None:
+    """Raise an ``EvomergeError`` naming the first architecture, tensor-name or shape mismatch.
+
+    ``vocabulary`` names the tensors whose rows are tokens; with ``remapped`` (a tokenizer_source) their
+    rows are matched by token text, so only their other sizes must agree.
+    """
     for other in others:
         for key in _MUST_MATCH:
             mine, theirs = reference.config.get(key), other.config.get(key)
@@ -91,9 +97,21 @@ def check_compatible(reference: Checkpoint, others: Sequence[Checkpoint]) -> Non
                 "merge models of one architecture saved the same way",
             )
         for name in reference.names:
-            if reference.shape(name) != other.shape(name):
+            mine, theirs = reference.shape(name), other.shape(name)
+            if name in vocabulary and mine[1:] == theirs[1:] and mine[0] != theirs[0]:
+                if remapped:
+                    continue
+                raise EvomergeError(
+                    f"'{other.ref}' has {theirs[0]} token rows in '{name}' but '{reference.ref}' has {mine[0]}: "
+                    "their vocabularies differ (an added token, or resized embeddings), so row i is not the "
+                    "same token in both",
+                    "add 'tokenizer_source: base' to the recipe (the base's vocabulary; 'union' for every "
+                    "model's tokens, or a merged model's path for its vocabulary): rows are then matched by "
+                    "token text, as mergekit does",
+                )
+            if mine != theirs:
                 raise EvomergeError(
                     f"tensor '{name}' has shape {list(other.shape(name))} in '{other.ref}' but "
                     f"{list(reference.shape(name))} in '{reference.ref}'",
-                    "merge models with the same sizes (a resized vocabulary must be resized in all of them)",
+                    "merge models with the same sizes",
                 )

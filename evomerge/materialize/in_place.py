@@ -25,6 +25,10 @@ class InPlaceMerger:
     def __init__(self, *, model: torch.nn.Module, template: Recipe) -> None:
         method = validate(template)
         sources = MergeSources.open(template, method)
+        if sources.vocabulary is not None:
+            # The model was loaded from the reference checkpoint, in its vocabulary; every row is
+            # overwritten per candidate, so new rows need no initialization of their own.
+            model.resize_token_embeddings(sources.vocabulary.size, mean_resizing=False)
         if sources.tied:
             untie_head(model)
         parameters = dict(model.named_parameters())
@@ -36,6 +40,8 @@ class InPlaceMerger:
             )
         first = parameters[sources.reference.names[0]]
         self.model = model
+        # The output vocabulary's tokenizer where the recipe sets tokenizer_source, else None (the reference's).
+        self.tokenizer = sources.vocabulary.tokenizer if sources.vocabulary is not None else None
         self.device, self.dtype = first.device, first.dtype
         self.inputs = method.inputs
         self.num_layers = sources.reference.num_layers
@@ -97,5 +103,5 @@ def untie_head(model: torch.nn.Module) -> None:
     model.config.tie_word_embeddings = False
 
 
-def _source_key(recipe: Recipe) -> tuple[str | None, tuple[str, ...]]:
-    return recipe.base if validate(recipe).needs_base else None, tuple(recipe.model_paths)
+def _source_key(recipe: Recipe) -> tuple[str | None, tuple[str, ...], str | None]:
+    return recipe.base if validate(recipe).takes_base else None, tuple(recipe.model_paths), recipe.tokenizer_source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,7 +11,6 @@ import torch
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_folder, refuse_existing
-from evomerge.io.locate import resolve_model
 from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.model_card import write_recipe_files
 from evomerge.materialize.plan import method_kwargs, validate
@@ -48,28 +48,32 @@ def merge_to_disk(
     reference = sources.reference
     first = reference.names[0]
     out_dtype = torch_dtype(dtype or recipe.dtype) if (dtype or recipe.dtype) else reference.dtype(first)
-    tokenizer_source = (
-        sources.reference.path if recipe.tokenizer_source is None else resolve_model(recipe.tokenizer_source).path
-    )
-    with torch.no_grad(), atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with torch.no_grad(), atomic_folder(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as built:
         writer = ShardedWriter(folder=tmp, max_shard_bytes=max_shard_bytes)
         reader = InputReader(sources=sources, method=method, device=torch_device, dtype=out_dtype)
         for name in reference.names:
             base, stacked = reader.read(name)
             kwargs = method_kwargs(recipe, method, name, num_layers=reference.num_layers, device=torch_device)
             # The inputs' buffers are refilled for the next tensor: the result must be a tensor of its own.
-            merged = torch.empty(reference.shape(name), dtype=out_dtype, device=torch_device)
+            merged = torch.empty(sources.shape(name), dtype=out_dtype, device=torch_device)
             writer.add(name, method.fn(base, stacked, **kwargs, out=merged))
         writer.finish()
         write_model_files(
             folder=tmp,
-            config=reference.config,
+            config=sources.config,
             dtype=out_dtype,
             source=reference.path,
-            tokenizer_source=tokenizer_source,
+            tokenizer_source=tokenizer_folder(sources, Path(built)),
         )
         write_recipe_files(folder=tmp, recipe=recipe, scores=scores, tied=sources.tied)
     return out_dir
+
+
+def tokenizer_folder(sources: MergeSources, scratch: Path) -> Path:
+    """The folder whose tokenizer files the output copies; a union vocabulary's tokenizer is saved to ``scratch``."""
+    if sources.vocabulary is None:
+        return sources.reference.path
+    return sources.vocabulary.save_tokenizer(scratch)
 
 
 class InputReader:
@@ -84,21 +88,26 @@ class InputReader:
     def __init__(self, *, sources: MergeSources, method: MergeMethod, device: torch.device, dtype: torch.dtype) -> None:
         self.sources = sources
         self.method = method
-        reference = sources.reference
-        largest = max(math.prod(reference.shape(name)) for name in reference.names)
+        largest = max(math.prod(sources.shape(name)) for name in sources.reference.names)
         self._base = torch.empty(largest if sources.base is not None else 0, dtype=dtype, device=device)
         self._stacked = torch.empty(len(sources.models) * largest, dtype=dtype, device=device)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(base, stacked)`` for ``name``, as ``MergeSources.inputs`` gives them, valid until the next call."""
-        shape = self.sources.reference.shape(name)
+        shape = self.sources.shape(name)
         numel, count = math.prod(shape), len(self.sources.models)
-        base = None
-        if self.sources.base is not None:
-            base = self.sources.base.read_into(name, self._base[:numel].view(shape))
+        has_base = self.sources.base is not None
+        base = self._base[:numel].view(shape) if has_base else None
         stacked = self._stacked[: count * numel].view(count, *shape)
-        for model, row in zip(self.sources.models, stacked, strict=True):
-            model.read_into(name, row)
+        targets = ([base] if has_base else []) + list(stacked)
+        if self.sources.remaps(name):
+            # Rows move between vocabularies; these tensors are read whole, once per merge.
+            remapped = self.sources.remapped(name, device=stacked.device, dtype=stacked.dtype)
+            for target, tensor in zip(targets, remapped, strict=True):
+                target.copy_(tensor)
+        else:
+            for checkpoint, target in zip(self.sources.all, targets, strict=True):
+                checkpoint.read_into(name, target)
         if self.method.inputs == "deltas":
             stacked.sub_(base)
         return base, stacked

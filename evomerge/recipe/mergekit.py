@@ -30,9 +30,9 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
         if "+" in path and not path.startswith(("/", ".")):
             raise EvomergeError(f"{where}: '{path}' applies a LoRA, which evomerge does not", "merge the LoRA first")
         params = item.get("parameters") or {}
-        # mergekit lists the base among the models for methods that need one; its task vector is
-        # zero and it takes no part, so the base is kept apart and only its parameters are dropped.
-        if method.needs_base and base is not None and path == str(base):
+        # mergekit lists the base among the models for methods that take one; it is the base there
+        # (its task vector is zero), so it is kept apart and only its parameters are dropped.
+        if method.takes_base and base is not None and path == str(base):
             continue
         settings = {
             k: Setting.from_plain(v, where=f"{where}: models[{i}].{k}")
@@ -41,11 +41,6 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
         }
         entries.append(ModelEntry(model=path, parameters=settings))
     tokenizer = data.get("tokenizer_source")
-    if tokenizer == "union":
-        raise EvomergeError(
-            f"{where}: tokenizer_source 'union' builds a new vocabulary, which evomerge does not",
-            "use 'base' or a model path (all models must share one vocabulary)",
-        )
     return Recipe.from_plain(
         {
             "method": method.name,
@@ -53,7 +48,7 @@ def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
             "models": [{"model": e.model, **{k: s.to_plain() for k, s in e.parameters.items()}} for e in entries],
             "parameters": {k: v for k, v in (data.get("parameters") or {}).items() if _declared(method, k, where)},
             "dtype": _check_dtype(data.get("out_dtype") or data.get("dtype"), where),
-            "tokenizer_source": None if tokenizer in (None, "base") else str(tokenizer),
+            "tokenizer_source": None if tokenizer is None else str(tokenizer),  # base, union or a model's path
             "allow_negative_weights": any(value < 0 for e in entries for value in _numbers(e.parameters.get("weight"))),
         },
         where=where,

@@ -111,7 +111,7 @@ class Recipe:
             base=None if data.get("base") is None else str(data["base"]),
             parameters=params,
             dtype=_check_dtype(data.get("dtype"), where),
-            tokenizer_source=data.get("tokenizer_source"),
+            tokenizer_source=_check_tokenizer_source(data.get("tokenizer_source"), where),
             seed=int(data.get("seed", 0)),
             allow_negative_weights=bool(data.get("allow_negative_weights", False)),
         )
@@ -121,6 +121,15 @@ def _check_dtype(dtype: object, where: str) -> str | None:
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise EvomergeError(f"{where}: dtype '{dtype}' is not supported", f"use one of {', '.join(DTYPE_NAMES)}")
     return dtype  # type: ignore[return-value]
+
+
+def _check_tokenizer_source(source: object, where: str) -> str | None:
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise EvomergeError(
+            f"{where}: tokenizer_source {source!r} is not a name",
+            "use 'base' (the base's vocabulary), 'union' (every model's tokens) or the path of a merged model",
+        )
+    return source
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -88,15 +88,15 @@ class SlicesRecipe:
         """Slice ``index`` as a parameter-space recipe over its sources (each read from its layer range):
         source settings first, then the slice's, then the config's, as mergekit looks them up."""
         piece, base = self.slices[index], self.base_of(index)
-        needs_base = get_method(self.method).needs_base
+        takes_base = get_method(self.method).takes_base
         return Recipe(
             method=self.method,
             models=tuple(
                 ModelEntry(model=src.model, parameters=src.parameters)
                 for src in piece.sources
-                if not (needs_base and src.model == base)
+                if not (takes_base and src.model == base)
             ),
-            base=base if needs_base else None,
+            base=base if takes_base else None,
             parameters={**self.parameters, **piece.parameters},
             dtype=self.dtype,
             allow_negative_weights=True,  # mergekit takes negative weights silently
@@ -126,8 +126,9 @@ class SlicesRecipe:
         tokenizer = data.get("tokenizer_source")
         if tokenizer == "union":
             raise EvomergeError(
-                f"{where}: tokenizer_source 'union' builds a new vocabulary, which evomerge does not",
-                "use 'base' or a model path (all models must share one vocabulary)",
+                f"{where}: tokenizer_source 'union' builds a new vocabulary, which a slices: stack does not",
+                "use 'base' or a model path (the stacked models must share one vocabulary), or merge with the "
+                "models: form, which remaps vocabularies",
             )
         recipe = cls(
             method=method,
@@ -137,10 +138,13 @@ class SlicesRecipe:
             dtype=_check_dtype(data.get("out_dtype") or data.get("dtype"), where),
             tokenizer_source=None if tokenizer in (None, "base") else str(tokenizer),
         )
-        if method != PASSTHROUGH and get_method(method).needs_base:
+        if method != PASSTHROUGH and get_method(method).takes_base:
+            needs_base = get_method(method).needs_base
             for i, piece in enumerate(recipe.slices):
                 base = recipe.base_of(i)
-                if base not in [src.model for src in piece.sources]:
+                # A method that merges with or without a base (nuslerp) still needs a named one among the
+                # sources: mergekit refuses a slice whose base it cannot read.
+                if (needs_base or base is not None) and base not in [src.model for src in piece.sources]:
                     raise EvomergeError(
                         f"{where}: slices[{i}] is merged with '{method}', which needs a base model among the "
                         f"slice's sources, and {'none is set' if base is None else repr(base) + ' is not one'}",

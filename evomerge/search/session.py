@@ -84,6 +84,7 @@ def template_recipe(cfg: DictConfig) -> Recipe:
             "method": cfg.method.name,
             "base": cfg.models.base,
             "models": [{"model": path} for path in cfg.models.experts],
+            "tokenizer_source": cfg.models.tokenizer_source,
             "parameters": OmegaConf.to_container(cfg.method.parameters),
             "dtype": str(cfg.dtype.value if hasattr(cfg.dtype, "value") else cfg.dtype),
             "seed": cfg.seed,
