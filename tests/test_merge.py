@@ -32,6 +32,13 @@ RECIPES = {
     "della": {"models": ["lang", "math"], "weight": [1.0, 1.0], "density": [0.6, 0.6], "epsilon": [0.1, 0.1]},
     "della_linear": {"models": ["lang", "math"], "weight": [1.0, 1.0], "density": [0.6, 0.6], "epsilon": [0.1, 0.1]},
     "model_stock": {"models": ["lang", "math"]},
+    "sce": {"models": ["lang", "math"], "parameters": {"select_topk": [0.3, 0.9]}},
+    # nuslerp and multislerp take a base where the recipe names one: one of each, with and without.
+    "nuslerp": {"models": ["lang", "math"], "weight": [0.3, 0.7], "parameters": {"nuslerp_flatten": False}},
+    "multislerp": {"models": ["lang", "math"], "base": None, "weight": [[0.2, 0.8], 0.5]},
+    "karcher": {"models": ["lang", "math"], "base": None},
+    "nearswap": {"models": ["math"], "parameters": {"t": [0.001, 0.004]}},
+    "arcee_fusion": {"models": ["math"]},
 }
 
 

@@ -18,7 +18,21 @@ from evomerge.materialize.to_disk import merge_to_disk
 from evomerge.recipe.mergekit import to_mergekit
 from tests.test_merge import make_recipe
 
-DETERMINISTIC = ["linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "model_stock"]
+DETERMINISTIC = [
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "model_stock",
+    "sce",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+]
 MERGEKIT_PYTHON = os.environ.get("EVOMERGE_MERGEKIT_PYTHON")
 
 RUN_ALL = """

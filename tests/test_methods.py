@@ -104,23 +104,29 @@ def test_inputs_are_not_mutated(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_copies_of_one_model_merge_to_that_model(name: str, dtype: torch.dtype) -> None:
     """N copies of a model, weights summing to 1, nothing pruned: every method returns the model
-    (slerp: t = 1; model_stock: identical task vectors give cos = 1, hence t = 1)."""
+    (slerp: t = 1; model_stock: identical task vectors give cos = 1, hence t = 1; nearswap: a distance
+    t beyond every difference takes each entry whole). arcee_fusion keeps the base wherever the model's
+    entry is no outlier, so its copies include the base."""
     method = get_method(name)
     generator = torch.Generator().manual_seed(4)
     base = torch.randn(4, 6, generator=generator).to(dtype)
     model = (base.float() + torch.randn(4, 6, generator=generator)).to(dtype)
+    if name == "arcee_fusion":
+        base = model.clone()
     count = model_counts(method)[-1]
-    merged = call(name, base, model.expand(count, 4, 6), weight=1 / count, t=1.0)
+    t = 1e3 if name == "nearswap" else 1.0
+    merged = call(name, base, model.expand(count, 4, 6), weight=1 / count, t=t)
     tolerance = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(merged.float(), model.float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if any(p.name == "weight" for p in get_method(n).params)])
 def test_weight_one_on_one_model_selects_it(name: str) -> None:
+    count = model_counts(get_method(name))[-1]
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(4, 6, generator=generator)
-    models = base + torch.randn(3, 4, 6, generator=generator)
-    merged = call(name, base, models, weight=[0.0, 1.0, 0.0])
+    models = base + torch.randn(count, 4, 6, generator=generator)
+    merged = call(name, base, models, weight=[0.0, 1.0, 0.0][:count])
     torch.testing.assert_close(merged, models[1], atol=1e-6, rtol=1e-6)
 
 
@@ -292,6 +298,12 @@ def test_every_mergekit_method_is_registered() -> None:
         "della",
         "della_linear",
         "model_stock",
+        "sce",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "arcee_fusion",
+        "nearswap",
     }
 
 
@@ -348,6 +360,12 @@ def test_every_mergekit_method_is_registered() -> None:
             },
         ),
         ("model_stock", {"filter_wise": False}),
+        ("sce", {"select_topk": 1.0, "int8_mask": False}),
+        ("nuslerp", {"weight": None, "nuslerp_row_wise": False, "nuslerp_flatten": True}),
+        ("multislerp", {"weight": None, "normalize_weights": True, "eps": 1e-8}),
+        ("karcher", {"max_iter": 10, "tol": 1e-5}),
+        ("arcee_fusion", {}),
+        ("nearswap", {"t": None}),
     ],
 )
 def test_mergekit_defaults(name: str, defaults: dict) -> None:

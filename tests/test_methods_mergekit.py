@@ -68,14 +68,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _case(name, method, shape, models, parameters, *, dtype=torch.float32, seed=None, tensor_seed=0):
-    """A merge of ``models`` random non-base tensors (plus a base where the method takes one)."""
+def _case(name, method, shape, models, parameters, *, dtype=torch.float32, seed=None, tensor_seed=0, base=None):
+    """A merge of ``models`` random non-base tensors (plus a base where the method needs one, or where
+    ``base`` says so for a method that takes one or none)."""
     generator = torch.Generator().manual_seed(tensor_seed)
-    base = torch.randn(shape, generator=generator)
+    origin = torch.randn(shape, generator=generator)
     # Fine-tuned models sit near the base, as in practice (keeps slerp away from its colinear branch).
-    others = [base + 0.5 * torch.randn(shape, generator=generator) for _ in range(models)]
-    has_base = get_method(method).needs_base
-    tensors = ([base] if has_base else []) + others
+    others = [origin + 0.5 * torch.randn(shape, generator=generator) for _ in range(models)]
+    has_base = get_method(method).needs_base if base is None else base
+    tensors = ([origin] if has_base else []) + others
     return {
         "id": name,
         "method": method,
@@ -209,11 +210,59 @@ def _cases() -> list[dict]:
             {"weight": [0.8, 0.6], "density": 0.7, "epsilon": 0.1, "rescale": False},
             seed=12,
         ),
+        _case("sce-defaults", "sce", (16, 24), 3, {}),
+        _case("sce-topk", "sce", (16, 24), 3, {"select_topk": 0.3}),
+        _case("sce-topk-1d-int8", "sce", (37,), 2, {"select_topk": 0.5, "int8_mask": True}),
+        _case("sce-topk-zero", "sce", (8, 8, 3), 2, {"select_topk": 0.0}),
+        # One model: its variance is 0 everywhere, so a select_topk under 1 keeps nothing.
+        _case("sce-1model", "sce", (5, 7), 1, {"select_topk": 0.5}),
+        _case("nuslerp-base", "nuslerp", (16, 24), 2, {"weight": [0.3, 0.7]}, base=True),
+        _case("nuslerp-rows", "nuslerp", (16, 24), 2, {"weight": [1.0, 2.0], "nuslerp_flatten": False}, base=True),
+        _case(
+            "nuslerp-columns",
+            "nuslerp",
+            (16, 24),
+            2,
+            {"weight": [0.5, 0.5], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+            base=False,
+        ),
+        _case("nuslerp-1d", "nuslerp", (37,), 2, {"weight": [0.4, 0.6]}, base=False),
+        _case("nuslerp-cancelling", "nuslerp", (16, 24), 2, {"weight": [0.5, -0.5]}, base=False),
+        _case("multislerp-base", "multislerp", (16, 24), 3, {"weight": [0.2, 0.5, 0.3]}, base=True),
+        _case(
+            "multislerp-raw",
+            "multislerp",
+            (16, 24),
+            3,
+            {"weight": [1.0, 2.0, 3.0], "normalize_weights": False},
+            base=False,
+        ),
+        _case("multislerp-eps", "multislerp", (37,), 2, {"weight": [0.6, 0.4], "eps": 1e-3}, base=True),
+        _case("multislerp-1model", "multislerp", (5, 7), 1, {"weight": [0.7]}, base=True),
+        _case("karcher", "karcher", (16, 24), 3, {}),
+        _case("karcher-2-few-steps", "karcher", (37,), 2, {"max_iter": 3, "tol": 1e-6}),
+        _case("karcher-no-steps", "karcher", (8, 8, 3), 3, {"max_iter": 0}),
+        _case("nearswap", "nearswap", (16, 24), 1, {"t": 0.3}),
+        _case("nearswap-small-t", "nearswap", (37,), 1, {"t": 1e-4}),
+        _case("arcee_fusion", "arcee_fusion", (16, 24), 1, {}),
+        _case("arcee_fusion-1d", "arcee_fusion", (37,), 1, {}),
+        # Over a million entries mergekit estimates the quartiles from a sample drawn from torch's global
+        # generator: seeded with 0, it draws the sample ours draws.
+        _case("arcee_fusion-sampled", "arcee_fusion", (1100, 1000), 1, {}, seed=0),
     ]
+    # mergekit's arcee_fusion multiplies by a float32 mask, so its bf16 merge comes back in float32 (its
+    # model writer rounds it to the output dtype): the float32 cases compare it.
     bf16 = [
-        _case(f"{c['id']}-bf16", c["method"], c["tensors"][0].shape, len(c["tensors"]) - 1, c["parameters"])
+        _case(
+            f"{c['id']}-bf16",
+            c["method"],
+            c["tensors"][0].shape,
+            len(c["tensors"]) - (c["base_index"] == 0),
+            c["parameters"],
+            base=c["base_index"] == 0,
+        )
         for c in cases
-        if c["seed"] is None and c["method"] != "linear"
+        if c["seed"] is None and c["method"] not in ("linear", "arcee_fusion")
     ]
     bf16 += [_case("linear-bf16", "linear", (16, 24), 3, {"weight": [0.2, 0.5, 1.1], "normalize": True})]
     for case in bf16:
@@ -250,8 +299,9 @@ def ours(case: dict) -> torch.Tensor:
     """Our method on the case's tensors, with mergekit's parameter names mapped onto the registry."""
     method = get_method(case["method"])
     tensors = case["tensors"]
-    base = tensors[0] if method.needs_base else None
-    stacked = torch.stack(tensors[1:] if method.needs_base else tensors)
+    has_base = case["base_index"] == 0
+    base = tensors[0] if has_base else None
+    stacked = torch.stack(tensors[1:] if has_base else tensors)
     models = stacked.shape[0]
     kwargs = {}
     for param in method.params:

@@ -57,6 +57,12 @@ class Param:
                 f"{where}: parameter '{self.name}' must be a finite number, got {value!r}",
                 f"give '{self.name}' a number{self._range_text()}",
             )
+        # Recipes hold numbers as floats (setting.py), so a whole number arrives as 10.0.
+        if self.kind is int and not float(value).is_integer():
+            raise EvomergeError(
+                f"{where}: parameter '{self.name}' must be a whole number, got {value!r}",
+                f"give '{self.name}' a whole number{self._range_text()}",
+            )
         below = self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive))
         above = self.high is not None and value > self.high
         if below or above:
@@ -119,6 +125,9 @@ class MergeMethod:
     is the better deal, and the method then draws per call. ``precompute_bytes(device, dtype, count)``
     bounds what it keeps for ``count`` models: bytes per entry of the merged tensor (what a worker's
     memory check counts).
+
+    ``optional_base`` (with ``needs_base`` false): the method takes the recipe's base where it names one
+    and merges without one otherwise (mergekit's nuslerp, multislerp); ``fn`` then gets ``base=None``.
     """
 
     name: str
@@ -128,10 +137,16 @@ class MergeMethod:
     needs_base: bool
     random: bool
     reference: str
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     precompute: Callable[..., object] | None = None
     precompute_bytes: Callable[[torch.device, torch.dtype, int], int] = lambda device, dtype, count: 0
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a recipe's base, when it names one, is read as the base (else it takes no part)."""
+        return self.needs_base or self.optional_base
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -155,6 +170,7 @@ def merge_method(
     inputs: Inputs,
     needs_base: bool,
     random: bool = False,
+    optional_base: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
     precompute: Callable[..., object] | None = None,
@@ -173,6 +189,7 @@ def merge_method(
             needs_base=needs_base,
             random=random,
             reference=reference,
+            optional_base=optional_base,
             min_models=min_models,
             max_models=max_models,
             precompute=precompute,
