@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,17 +60,25 @@ def build_world(size: str = "full", seed: int = 0, root: str | Path | None = Non
         raise EvomergeError(f"unknown toy world size {size!r}", f"use one of {sorted(SPECS)}")
     root = Path(root).expanduser().resolve() if root is not None else default_root()
     final = root / f"{size}-seed{seed}-v{BUILDER_VERSION}"
+    build_once(final, force=force, build=lambda staging: _build_into(staging, final, size, seed))
+    return load_world(final)
+
+
+def build_once(final: Path, *, force: bool, build: Callable[[Path], None]) -> None:
+    """Have ``final`` hold a complete build: ``build(staging)`` writes one into a temporary folder that is
+    renamed into place when complete, under a lock, unless a complete one (its marker) is there already."""
     if not force and (final / COMPLETE_MARKER).exists():
-        return load_world(final)
+        return
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(root / f"{final.name}.lock"):
         if not force and (final / COMPLETE_MARKER).exists():
-            return load_world(final)
+            return
         for stale in root.glob(f".{final.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         staging = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            _build_into(staging, final, size, seed)
+            build(staging)
             if final.exists():
                 retired = root / f".{final.name}.tmp-retired-{uuid.uuid4().hex[:8]}"
                 final.rename(retired)
@@ -77,7 +86,6 @@ def build_world(size: str = "full", seed: int = 0, root: str | Path | None = Non
             staging.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return load_world(final)
 
 
 def load_world(folder: Path) -> ToyWorld:

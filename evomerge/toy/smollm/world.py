@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from evomerge.toy.smollm.skills import lexicon, lexicon_sampler, math_sampler, t
 from evomerge.toy.smollm.source import find_gguf, load_gguf
 from evomerge.toy.tasks import write_task
 from evomerge.toy.train import train
-from evomerge.toy.world import _exclusive_lock
+from evomerge.toy.world import build_once
 
 # Bump whenever a change to the builder changes what it writes: old cache folders are then ignored.
 BUILDER_VERSION = 3
@@ -92,25 +90,9 @@ def build_smol_world(
         raise EvomergeError(f"unknown SmolLM2 world size {size!r}", f"use one of {sorted(SPECS)}")
     root = Path(root).expanduser().resolve() if root is not None else default_root()
     final = root / f"{size}-seed{seed}-v{BUILDER_VERSION}"
-    if not force and (final / COMPLETE_MARKER).exists():
-        return load_smol_world(final)
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f"{final.name}.lock"):
-        if not force and (final / COMPLETE_MARKER).exists():
-            return load_smol_world(final)
-        for stale in root.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    if force or not (final / COMPLETE_MARKER).exists():
         gguf = find_gguf(source, root)
-        staging = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            _build_into(staging, final, SPECS[size], size, seed, gguf)
-            if final.exists():
-                retired = root / f".{final.name}.tmp-retired-{uuid.uuid4().hex[:8]}"
-                final.rename(retired)
-                shutil.rmtree(retired)
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        build_once(final, force=force, build=lambda staging: _build_into(staging, final, SPECS[size], size, seed, gguf))
     return load_smol_world(final)
 
 
