@@ -19,11 +19,12 @@ def _merge(args: argparse.Namespace) -> None:
     from evomerge.materialize.slices_to_disk import write_slices_model
     from evomerge.materialize.to_disk import merge_to_disk
     from evomerge.recipe.dataflow import DataFlowRecipe
+    from evomerge.recipe.pinning import pin_recipe
     from evomerge.recipe.plain import load_any_recipe
     from evomerge.recipe.slices import SlicesRecipe
 
     start = time.perf_counter()
-    recipe = load_any_recipe(args.recipe)
+    recipe = pin_recipe(load_any_recipe(args.recipe))  # the written recipe then reads these weights again
     if isinstance(recipe, SlicesRecipe):
         out = write_slices_model(
             recipe if args.dtype is None else replace(recipe, dtype=args.dtype),

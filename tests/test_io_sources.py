@@ -248,3 +248,55 @@ def test_a_search_on_hub_ids_records_their_commits_and_exports_from_them(toy_wor
     recipe = (out / "evomerge_recipe.yaml").read_text()
     assert f"toy/base@{COMMITS[0]}" in recipe and f"toy/math@{COMMITS[0]}" in recipe
     assert Checkpoint.open(out).names == Checkpoint.open(toy_world.base).names
+
+
+def test_merge_writes_its_recipe_with_hub_ids_pinned_to_their_commits(toy_world, hub_cache, tmp_path):
+    from evomerge.cli import main
+    from evomerge.recipe.plain import load_any_recipe
+
+    for name, folder in (("base", toy_world.base), ("math", toy_world.experts["math"])):
+        cache_model(hub_cache, f"toy/{name}", folder, COMMITS[0])
+    written = Recipe.from_plain(
+        {
+            "method": "task_arithmetic",
+            "base": "toy/base",
+            "models": [{"model": "toy/math", "weight": 0.5}, {"model": str(toy_world.experts["lang"]), "weight": 0.5}],
+            "parameters": {"lambda": 1.0},
+            "dtype": "float32",
+        }
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(written.to_yaml())
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 0
+    pinned = load_any_recipe(tmp_path / "out" / "evomerge_recipe.yaml")
+    assert pinned.base == f"toy/base@{COMMITS[0]}"
+    assert [entry.model for entry in pinned.models] == [f"toy/math@{COMMITS[0]}", str(toy_world.experts["lang"])]
+    # merging the written recipe again, once the branch has moved on, reads the same weights
+    cache_model(hub_cache, "toy/math", toy_world.experts["lang"], COMMITS[1])
+    assert main(["merge", str(tmp_path / "out" / "evomerge_recipe.yaml"), str(tmp_path / "again")]) == 0
+    first, again = state_of(tmp_path / "out"), state_of(tmp_path / "again")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_data_flow_and_slices_recipes_pin_every_model_they_name(toy_world, hub_cache):
+    from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
+    from evomerge.recipe.pinning import pin_recipe
+    from evomerge.recipe.slices import SlicesRecipe
+
+    cache_model(hub_cache, "toy/math", toy_world.experts["math"], COMMITS[0])
+    local = str(toy_world.base)
+    flow = DataFlowRecipe(sources=(local, "toy/math"), path=(PathStep(source=1, layer=0),), embedding_source=1)
+    assert pin_recipe(flow).sources == (local, f"toy/math@{COMMITS[0]}")
+    stack = SlicesRecipe.from_mergekit(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": local, "layer_range": [0, 1]}]},
+                {"sources": [{"model": "toy/math", "layer_range": [1, 2]}]},
+            ],
+            "tokenizer_source": "toy/math",
+        }
+    )
+    pinned = pin_recipe(stack)
+    assert [s.model for piece in pinned.slices for s in piece.sources] == [local, f"toy/math@{COMMITS[0]}"]
+    assert pinned.tokenizer_source == f"toy/math@{COMMITS[0]}"
