@@ -246,6 +246,15 @@ def test_mergekit_configs_keep_their_tokenizer_source(toy_world, experts, mode):
     assert from_mergekit(to_mergekit(ours)).tokenizer_source == source
 
 
+def test_mergekits_tokenizer_block_is_refused_naming_tokenizer_source():
+    from evomerge.recipe.mergekit import from_mergekit
+
+    config = {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "union"}}
+    with pytest.raises(EvomergeError) as refused:
+        from_mergekit(config)
+    assert "'tokenizer:' block" in str(refused.value) and "tokenizer_source: base" in str(refused.value)
+
+
 def test_a_search_config_sets_the_tokenizer_source(toy_world, experts):
     from hydra import compose, initialize_config_dir
 

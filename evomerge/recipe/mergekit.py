@@ -14,6 +14,12 @@ _SUPPORTED = {"merge_method", "base_model", "models", "parameters", "dtype", "to
 
 def from_mergekit(data: dict, *, where: str = "mergekit config") -> Recipe:
     unsupported = set(data) - _SUPPORTED
+    if "tokenizer" in unsupported:
+        raise EvomergeError(
+            f"{where}: mergekit's 'tokenizer:' block (a source plus per-token embedding choices) is not supported",
+            "write 'tokenizer_source: base', 'union' or a model's path instead (what the block's 'source:' says); "
+            "per-token 'tokens:' choices need mergekit",
+        )
     if unsupported:
         raise EvomergeError(
             f"{where}: mergekit key(s) {sorted(unsupported)} are not supported by evomerge "
