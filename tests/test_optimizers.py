@@ -273,6 +273,24 @@ def test_cmaes_refuses_several_objectives():
     assert isinstance(caught.value.__cause__, EvomergeError)
 
 
+@pytest.mark.parametrize("sigma0", [0.25, 0.5, 1.0])
+def test_cmaes_searches_a_one_dimensional_genome(sigma0):
+    """One knob (slerp's t, or sce's select_topk with one layer group): pycma alone raises in 1-D
+    from sigma0 = 0.5 in the unit box. The optimizer finds the optimum and resumes exactly."""
+    space = SearchSpace(dims=[FloatDim(name="t", low=0.0, high=2.0)])
+    uninterrupted = run(
+        CMAESOptimizer(space=space, n_objectives=1, seed=3, sigma0=sigma0), 30, lambda ps: sphere(space, ps)
+    )
+    assert all(proposal.x.shape == (1,) and 0.0 <= proposal.x[0] <= 2.0 for g in uninterrupted for proposal in g)
+    assert abs(uninterrupted[-1][0].x[0] - 0.6) < 0.05  # the sphere's centre, 0.3 of the way along [0, 2]
+
+    first = CMAESOptimizer(space=space, n_objectives=1, seed=3, sigma0=sigma0)
+    before = run(first, 15, lambda ps: sphere(space, ps))
+    resumed = CMAESOptimizer(space=space, n_objectives=1, seed=99, sigma0=sigma0)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    assert same_proposals(before + run(resumed, 15, lambda ps: sphere(space, ps)), uninterrupted)
+
+
 def test_a_checkpoint_from_another_config_is_refused():
     optimizer = make("cmaes", space=MIXED_SPACE)
     run(optimizer, 1, lambda ps: sphere(MIXED_SPACE, ps))

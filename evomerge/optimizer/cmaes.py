@@ -63,7 +63,10 @@ class CMAESOptimizer(Optimizer):
         if popsize is not None and popsize < 2:
             raise EvomergeError(f"optimizer.popsize is {popsize}", "Give popsize >= 2, or null for cma's default")
         super().__init__(space=space, n_objectives=n_objectives)
-        dimension = len(space)
+        # pycma does not support 1-D problems: in 1-D its bound handling sets a per-coordinate scaling
+        # before it knows the dimension and raises (sigma0 >= 0.5 in the unit box; pycma issues 86
+        # and 302). Its maintainer's workaround: search 2-D and ignore the second coordinate.
+        dimension = max(len(space), 2)
         options = {
             "bounds": [[0.0] * dimension, [1.0] * dimension],
             "randn": _GeneratorNormal(np.random.default_rng(seed)),
@@ -83,7 +86,8 @@ class CMAESOptimizer(Optimizer):
             self._asked_unit = np.array(self._es.ask())
         ids = range(self._next_id, self._next_id + len(self._asked_unit))
         self._next_id += len(self._asked_unit)
-        return [Proposal(id=i, x=x) for i, x in zip(ids, self.space.from_unit(self._asked_unit), strict=True)]
+        unit = self._asked_unit[:, : len(self.space)]
+        return [Proposal(id=i, x=x) for i, x in zip(ids, self.space.from_unit(unit), strict=True)]
 
     def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
         with _BLAS.limit(limits=1, user_api="blas"):
