@@ -59,6 +59,7 @@ class GenomeConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
     search_diagonal: bool = False
     scales_per_position: bool = False
+    start: str | None = None  # None: CMA-ES starts at the box's centre; embedding_source: at that source's path
     ps_source: str | None = None  # ps_dfs: a recipe file, or a run folder whose best candidate is taken
 
 
@@ -194,6 +195,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.genome.max_path_length is not None and cfg.genome.max_path_length < 1:
         raise bad("genome.max_path_length", cfg.genome.max_path_length, "a positive number of layers, or null")
+    if cfg.genome.start not in (None, "embedding_source") or (cfg.genome.start and cfg.genome.kind == "ps"):
+        raise bad("genome.start", cfg.genome.start, "null, or embedding_source with genome=dfs or genome=ps_dfs")
 
 
 def _check_executor(cfg: DictConfig, bad) -> None:

@@ -90,7 +90,9 @@ def test_the_kv_cache_gives_each_position_its_own_slot(sources, router):
     model = router.model
     prefix = model(IDS[:, :-1], use_cache=True)
     assert len(prefix.past_key_values.layers) == 4
-    step = model(IDS[:, -1:], past_key_values=prefix.past_key_values, use_cache=True)
+    # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step = model(IDS[:, -1:], **{name: prefix.past_key_values}, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], model(IDS).logits[:, -1], rtol=0, atol=1e-5)
 
     generated = model.generate(IDS[:1], max_new_tokens=10, do_sample=False)
@@ -146,6 +148,35 @@ def test_both_optimizers_propose_on_off_indicators(sources, optimizer):
     indicators = [p.x[:10] for p in proposals]
     assert all(set(x.tolist()) <= {0.0, 1.0} for x in indicators)
     assert len({tuple(x) for x in indicators}) > 1
+
+
+def test_the_start_point_is_the_embedding_source_path_and_cmaes_explores_around_it(sources):
+    # Sources of 2 and 3 layers, 2 repeats, embedding from m1: the start turns on m1's three layers of
+    # repeat 0 (slots 2, 3, 4) and nothing else; scales in [0.5, 2.5] start at 1 = 0.5 + 0.25 * 2.
+    genome = DataFlowGenome(
+        sources=sources[:2],
+        layer_counts=[2, 3],
+        embedding_source=1,
+        repeats=2,
+        scale_range=[0.5, 2.5],
+        start="embedding_source",
+    )
+    start = genome.space.start
+    assert start.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0.25, 0.25]
+    assert genome.to_recipe(start).path == tuple(PathStep(source=1, layer=i, scale=1.0) for i in range(3))
+    assert DataFlowGenome(sources=sources[:2], layer_counts=[2, 3], repeats=2).space.start is None
+
+    # A step of 0.1 keeps every indicator on its side of 0.5 (pycma's bound transform folds the draws
+    # that leave the box back in), so the first generation is the start path itself; 0.4 moves off it.
+    near = CMAESOptimizer(space=genome.space, n_objectives=1, seed=0, sigma0=0.1).ask()
+    assert all(genome.to_recipe(p.x).path == genome.to_recipe(start).path for p in near)
+    wide = CMAESOptimizer(space=genome.space, n_objectives=1, seed=0, sigma0=0.4).ask()
+    assert any(genome.to_recipe(p.x).path != genome.to_recipe(start).path for p in wide)
+
+    with pytest.raises(EvomergeError, match="optimizer=cmaes"):
+        TPEOptimizer(space=genome.space, n_objectives=1, seed=0)
+    with pytest.raises(EvomergeError, match="genome.start"):
+        DataFlowGenome(sources=sources[:2], layer_counts=[2, 3], start="base")
 
 
 def test_recipes_round_trip_and_dispatch_on_kind(sources):

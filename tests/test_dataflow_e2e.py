@@ -80,12 +80,28 @@ def test_ps_dfs_merges_the_ps_recipe_into_the_run_and_searches_through_it(toy_wo
     assert len(logged[0]["recipe"]["sources"]) == 4  # the PS merge, then base, math, lang
 
 
+def test_a_dfs_search_started_at_the_embedding_source_starts_at_its_score(toy_world, tmp_path):
+    """genome.start=embedding_source with a small step: the first generation is the lang expert's own
+    path (all its layers, nothing else), so it scores exactly what the lang expert scores alone."""
+    run_dir = tmp_path / "run"
+    start = ["genome.start=embedding_source", "optimizer.sigma0=0.1", "budget.evaluations=4"]
+    finished(["search", *overrides(toy_world, run_dir, *DFS, *start)])
+    first = RunFolder(run_dir).read_evaluations()[:4]
+    assert [[(s["source"], s["layer"]) for s in row["recipe"]["path"]] for row in first] == [[(2, 0), (2, 1)]] * 4
+    lang = AutoModelForCausalLM.from_pretrained(toy_world.experts["lang"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(toy_world.experts["lang"])
+    tasks = task_set(OmegaConf.load(run_dir / "config.yaml"))
+    alone = LMEvalScorer(model=lang, tokenizer=tokenizer, tasks=tasks).score()
+    assert [row["metrics"] for row in first] == [alone] * 4
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("genome=ps_dfs", "genome.ps_source=None is not allowed"),
         ("genome.kind=layer_swap", "genome.kind=layer_swap is not allowed"),
         ("genome.sources=[BASE,HIDDEN]", "hidden_size = 48 but .* has hidden_size = 32"),
+        ("genome.start=embedding_source", "genome.start=embedding_source is not allowed"),  # with genome=ps
     ],
 )
 def test_bad_dfs_configs_are_refused_before_the_run_starts(toy_world, tmp_path, override, message):

@@ -24,6 +24,10 @@ from evomerge.errors import EvomergeError
 from evomerge.optimizer.space import BinaryDim, FloatDim, SearchSpace
 from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
 
+# Where CMA-ES starts: None, the centre of the box (Akiba et al.'s start); "embedding_source", that
+# source's own path (`DataFlowGenome.embedding_source_path`).
+START_POINTS = (None, "embedding_source")
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -44,6 +48,7 @@ class DataFlowGenome:
         scale_range: Sequence[float] = (0.5, 1.5),
         search_diagonal: bool = False,
         scales_per_position: bool = False,
+        start: str | None = None,
         dtype: str | None = None,
     ) -> None:
         if repeats < 1:
@@ -64,6 +69,9 @@ class DataFlowGenome:
         self.scale_low, self.scale_high = low, high
         self.search_diagonal = search_diagonal
         self.scales_per_position = scales_per_position
+        if start not in START_POINTS:
+            raise EvomergeError(f"genome.start = {start!r}", f"use one of {list(START_POINTS)}")
+        self.start = start
         self.dtype = dtype
         self.slots = tuple(
             Slot(source=m, layer=layer, repeat=r)
@@ -100,8 +108,23 @@ class DataFlowGenome:
             dims=[
                 BinaryDim(name=name) if i < n_slots else FloatDim(name=name, low=0.0, high=1.0)
                 for i, name in enumerate(self._names)
-            ]
+            ],
+            start=None if self.start is None else self.embedding_source_path(),
         )
+
+    def embedding_source_path(self) -> np.ndarray:
+        """The point whose path is the embedding source itself: its layers in order (the first repeat's
+        slots), every other slot off, every scale 1 (or the nearest ``scale_range`` allows).
+
+        A search from the centre of the box starts among random half-stacks of every source, which on
+        deep models all score zero (issue 19); from here it starts at that model's own score. For
+        PS+DFS, source 0 is the PS merge, so this is the PS model's own path.
+        """
+        x = np.zeros(self.dimension)
+        for t, slot in enumerate(self.slots):
+            x[t] = float(slot.repeat == 0 and slot.source == self.embedding_source)
+        x[len(self.slots) :] = np.clip((1.0 - self.scale_low) / (self.scale_high - self.scale_low), 0.0, 1.0)
+        return x
 
     def to_recipe(self, x: Sequence[float]) -> DataFlowRecipe:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)

@@ -86,10 +86,17 @@ class Optimizer(abc.ABC):
     the two `_..._one` methods when they set `asks_one_at_a_time`."""
 
     asks_one_at_a_time = False
+    starts_at_a_point = False  # whether it honours the space's start point (CMA-ES's x0)
 
     def __init__(self, *, space: SearchSpace, n_objectives: int) -> None:
         if not isinstance(n_objectives, int) or n_objectives < 1:
             raise ValueError(f"n_objectives must be a positive int, got {n_objectives!r}")
+        if space.start is not None and not self.starts_at_a_point:
+            raise EvomergeError(
+                f"genome.start gives the search a point to start around, but {type(self).__name__} has none: "
+                "optuna's samplers and random search draw their first candidates over the whole space",
+                "use optimizer=cmaes (its sigma0 sets the step around the start), or genome.start=null",
+            )
         self.space = space
         self.n_objectives = n_objectives
         self._penalty = FailurePenalty(n_objectives=n_objectives)

@@ -38,9 +38,14 @@ class _GeneratorNormal:
 class CMAESOptimizer(Optimizer):
     """Single-objective CMA-ES in the unit box; binary dims are continuous to CMA and thresholded at 0.5.
 
+    It starts at the space's start point when the genome gives one (a DFS path of one source), else at
+    the centre of the box, with step size sigma0 (unit-box units) around it.
+
     CMA is told the continuous values it asked, not the thresholded ones, so its distribution update
     stays consistent. Bounds use pycma's default `BoundTransform`, so every asked point is in the box.
     """
+
+    starts_at_a_point = True
 
     def __init__(
         self,
@@ -77,7 +82,8 @@ class CMAESOptimizer(Optimizer):
         }
         if popsize is not None:
             options["popsize"] = popsize
-        self._es = cma.CMAEvolutionStrategy([0.5] * dimension, sigma0, options)
+        x0 = [0.5] * dimension if space.start is None else [*space.start, 0.5][:dimension]
+        self._es = cma.CMAEvolutionStrategy(x0, sigma0, options)
         self._next_id = 0
         self._asked_unit: np.ndarray | None = None
 

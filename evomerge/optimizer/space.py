@@ -48,7 +48,7 @@ class SearchSpace:
     instances passed as keyword arguments into DictConfigs, and the search loop passes the space that way.
     """
 
-    def __init__(self, *, dims: Sequence[Dim]) -> None:
+    def __init__(self, *, dims: Sequence[Dim], start: Sequence[float] | None = None) -> None:
         dims = tuple(dims)
         if not dims:
             raise EvomergeError("the search space has no dimensions", "Give the genome something to search")
@@ -63,6 +63,12 @@ class SearchSpace:
                 "Give each dimension a unique name",
             )
         self.dims: tuple[Dim, ...] = dims
+        # The unit-box point a search starts around (CMA-ES's x0); None: the centre of the box.
+        self.start: np.ndarray | None = None
+        if start is not None:
+            self.start = np.asarray(start, dtype=float)
+            if self.start.shape != (len(dims),) or not np.all((self.start >= 0.0) & (self.start <= 1.0)):
+                raise ValueError(f"a start point needs {len(dims)} values in [0, 1], got {start!r}")
 
     def __len__(self) -> int:
         return len(self.dims)

@@ -128,6 +128,7 @@ def _dataflow_genome(cfg: DictConfig, run_dir: Path) -> DataFlowGenome:
         scale_range=list(genome.scale_range),
         search_diagonal=genome.search_diagonal,
         scales_per_position=genome.scales_per_position,
+        start=genome.start,
         dtype=str(getattr(cfg.dtype, "value", cfg.dtype)),  # an enum when composed, a string when reloaded
     )
 
