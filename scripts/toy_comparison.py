@@ -7,6 +7,7 @@ the import path, so `python scripts/<name>.py` finds this module).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def search(work: Path, name: str, seed: int, optimizer: str, generation: int, ex
         "wall": time.perf_counter() - began,
         "invalid": sum(row["error"] is not None for row in rows),
         "path": len(state.best.recipe["path"]) if "path" in state.best.recipe else None,
+        "first_generation_best": max(
+            (row["scores"][0] for row in rows if row["generation"] == 0 and row["error"] is None), default=math.nan
+        ),
     }
 
 
