@@ -138,6 +138,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="search_schema", node=SearchConfig)
     if not OmegaConf.has_resolver("toy_world"):
         OmegaConf.register_new_resolver("toy_world", toy_world_path, use_cache=True)
+    if not OmegaConf.has_resolver("smol_world"):
+        OmegaConf.register_new_resolver("smol_world", smol_world_path, use_cache=True)
 
 
 def toy_world_path(size: str, seed: int, what: str) -> str:
@@ -145,6 +147,16 @@ def toy_world_path(size: str, seed: int, what: str) -> str:
     from evomerge.toy import build_world
 
     world = build_world(size=size, seed=int(seed))
+    paths = {"base": world.base, "tasks": world.tasks_dir, **world.experts}
+    return str(paths[what])
+
+
+def smol_world_path(size: str, seed: int, what: str) -> str:
+    """``${smol_world:full,0,base}``: a path in the (cached) SmolLM2 world, built on first use (size tiny
+    is the smoke build, as in ``evomerge toy build --world smollm``)."""
+    from evomerge.toy.smollm import build_smol_world
+
+    world = build_smol_world(size="smoke" if size == "tiny" else size, seed=int(seed))
     paths = {"base": world.base, "tasks": world.tasks_dir, **world.experts}
     return str(paths[what])
 

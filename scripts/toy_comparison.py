@@ -26,13 +26,14 @@ from evomerge.search.session import start
 GENERATION_KEY = {"cmaes": "popsize", "random": "batch_size", "tpe": "batch_size", "nsga2": "population_size"}
 
 
-def toy_config(seed: int, optimizer: str, generation: int, overrides: list[str]) -> DictConfig:
-    """The toy preset with this optimizer, generation size and seed; ``overrides`` are applied last."""
+def toy_config(seed: int, optimizer: str, generation: int, overrides: list[str], *, preset: str = "toy") -> DictConfig:
+    """A world's preset (the toy world's, or ``smollm``) with this optimizer, generation size and seed;
+    ``overrides`` are applied last."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(
             "config",
             overrides=[
-                "preset=toy",
+                f"preset={preset}",
                 f"optimizer={optimizer}",
                 f"optimizer.{GENERATION_KEY[optimizer]}={generation}",
                 f"seed={seed}",
@@ -41,9 +42,11 @@ def toy_config(seed: int, optimizer: str, generation: int, overrides: list[str])
         )
 
 
-def search(work: Path, name: str, seed: int, optimizer: str, generation: int, extra: list[str]) -> dict:
+def search(
+    work: Path, name: str, seed: int, optimizer: str, generation: int, extra: list[str], *, preset: str = "toy"
+) -> dict:
     """Run one search into ``work/<name>-<seed>`` and say what came of it."""
-    cfg = toy_config(seed, optimizer, generation, extra)
+    cfg = toy_config(seed, optimizer, generation, extra, preset=preset)
     run_dir = work / f"{name}-{seed}"
     began = time.perf_counter()
     state = start(cfg, run_dir)

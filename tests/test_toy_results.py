@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,11 +81,13 @@ def test_one_run_writes_the_table_and_both_plots_and_the_plots_redraw_from_its_r
     assert table["model"] == [*names, "evaluations |"]
     assert list(table)[1:] == [
         "---",
+        "chance (most common answer)",
         "base",
         "expert: math",
         "expert: lang",
-        "TIES (density 0.5, weight 1 each)",
         "task arithmetic (weight 1 each)",
+        "TIES (density 0.5, weight 1 each)",
+        "DARE-TIES (density 0.5, weight 1 each)",
         "random search (PS)",
         "best PS merge (CMA-ES)",
     ]
@@ -96,6 +99,10 @@ def test_one_run_writes_the_table_and_both_plots_and_the_plots_redraw_from_its_r
     )
     metrics = scorer.score()
     assert table["base"] == [f"{metrics[f'{n}/acc']:.3f}" for n in names] + ["– |"]
+    # Chance: the share of a task's items whose answer is its most common one.
+    answers = [[json.loads(line)["answer"] for line in open(toy_world.tasks_dir / n / "test.jsonl")] for n in names]
+    chance = [max(a.count(x) for x in a) / len(a) for a in answers]
+    assert table["chance (most common answer)"] == [f"{c:.3f}" for c in chance] + ["– |"]
     # One seed: the PS row is that run's best, as logged during the search, on the search tasks.
     best = RunFolder(work / "ps-1").load_checkpoint().best.metrics
     assert table["best PS merge (CMA-ES)"][:3] == [f"{best[f'{n}/acc']:.3f}" for n in names[:3]]
@@ -108,6 +115,6 @@ def test_one_run_writes_the_table_and_both_plots_and_the_plots_redraw_from_its_r
     for png in ("toy_fitness.png", "toy_pareto.png"):
         assert (figures / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         (figures / png).unlink()
-    draw_plots(work, figures)  # what --plots-only does, in this process
+    draw_plots(work, figures, ["toy_fitness.png", "toy_pareto.png"])  # what --plots-only does, in this process
     assert (figures / "toy_fitness.png").exists() and (figures / "toy_pareto.png").exists()
     assert out.read_text() == text  # --plots-only leaves the table alone

@@ -8,6 +8,7 @@ item, where ``multiple_choice`` over 21 numerals would cost 21.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +55,9 @@ def write_task(item_set: TaskItems, tasks_dir: Path, final_tasks_dir: Path) -> N
     }
     with open(folder / f"{item_set.name}.yaml", "w") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
+
+
+def chance_accuracy(test_jsonl: Path) -> float:
+    """Chance for a task: always answering its most common answer."""
+    answers = [json.loads(line)["answer"] for line in test_jsonl.read_text().splitlines()]
+    return Counter(answers).most_common(1)[0][1] / len(answers)
