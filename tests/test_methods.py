@@ -44,7 +44,7 @@ def call(
     if method.random:
         kwargs["generator"] = torch.Generator(device=models.device).manual_seed(seed)
     inputs = models - base if method.inputs == "deltas" else models
-    return method.fn(base, inputs, **kwargs, out=out)
+    return method.merge(base, inputs, **kwargs, out=out)
 
 
 def model_counts(method: MergeMethod) -> list[int]:
@@ -96,7 +96,7 @@ def test_inputs_are_not_mutated(name: str) -> None:
     for param in method.params:
         value = {**REQUIRED, **pruning(name)}.get(param.name, param.default)
         kwargs[param.arg] = torch.full((inputs.shape[0],), value) if param.per_model else value
-    method.fn(base, inputs, **kwargs)
+    method.merge(base, inputs, **kwargs)
     assert torch.equal(base, base_copy) and torch.equal(inputs, inputs_copy)
 
 
@@ -138,6 +138,7 @@ def test_signature_matches_declared_parameters(name: str) -> None:
     keyword_only = {p for p, spec in parameters.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY}
     expected = {p.arg for p in method.params} | ({"generator"} if method.random else set()) | {"out"}
     expected |= {"precomputed"} if method.precompute is not None else set()
+    expected |= {name for name, _ in method.fixed}  # a twin's step, fixed by its name
     assert keyword_only == expected
     assert list(parameters)[:2] == ["base", "tensors" if method.inputs == "tensors" else "deltas"]
 
@@ -335,7 +336,10 @@ def test_every_mergekit_method_is_registered() -> None:
                 "int8_mask": False,
             },
         ),
-        ("dare_linear", {"weight": None, "density": 1.0, "normalize": False, "rescale": True, "lambda": 1.0}),
+        (
+            "dare_linear",
+            {"weight": None, "density": 1.0, "normalize": False, "rescale": True, "lambda": 1.0, "int8_mask": False},
+        ),
         (
             "breadcrumbs",
             {
@@ -345,6 +349,7 @@ def test_every_mergekit_method_is_registered() -> None:
                 "normalize": False,
                 "rescale": False,
                 "lambda": 1.0,
+                "int8_mask": False,
             },
         ),
         (
@@ -726,17 +731,18 @@ def test_dare_keeps_each_entry_with_exactly_its_density(dtype: torch.dtype) -> N
         "density": torch.tensor([0.3, 0.7], dtype=torch.float64),
         "normalize": False,
         "lambda_": 1.0,
+        "int8_mask": False,
     }
     generator = torch.Generator().manual_seed(5)
     masks = [torch.bernoulli(torch.full_like(delta, p), generator=generator) for p in (0.3, 0.7)]
     zero = torch.zeros_like(delta)
-    live = method.fn(zero, deltas, rescale=False, generator=torch.Generator().manual_seed(5), **kwargs)
+    live = method.merge(zero, deltas, rescale=False, generator=torch.Generator().manual_seed(5), **kwargs)
     assert torch.equal(live, masks[0] + masks[1])
     draws = method.precompute(zero, deltas, generator=torch.Generator().manual_seed(5))
     if dtype != torch.float64:  # which keeps no draws: it draws live (see bernoulli)
-        kept = method.fn(zero, deltas, rescale=False, generator=torch.Generator(), precomputed=draws, **kwargs)
+        kept = method.merge(zero, deltas, rescale=False, generator=torch.Generator(), precomputed=draws, **kwargs)
         assert torch.equal(kept, live)
-    rescaled = method.fn(zero, deltas, rescale=True, generator=torch.Generator().manual_seed(5), **kwargs)
+    rescaled = method.merge(zero, deltas, rescale=True, generator=torch.Generator().manual_seed(5), **kwargs)
     divisors = [torch.tensor(p, dtype=dtype) for p in (0.3, 0.7)]
     assert torch.equal(rescaled, masks[0] / divisors[0] + masks[1] / divisors[1])
 
@@ -773,7 +779,7 @@ def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torc
         "normalize": True,
         "rescale": True,
         "lambda_": 1.0,
-        **({"int8_mask": False} if name == "dare_ties" else {}),
+        "int8_mask": False,
     }
     from evomerge.methods.sparsify import random_drop
     from evomerge.methods.task_arithmetic import merge_task_vectors
@@ -785,11 +791,11 @@ def test_dare_with_kept_draws_merges_as_dare_drawing_live(name: str, dtype: torc
     expected = merge_task_vectors(
         base, dropped, kwargs["weight"], normalize=True, lambda_=1.0, sign_consensus=name == "dare_ties"
     )
-    live = method.fn(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
+    live = method.merge(base, deltas.clone(), generator=torch.Generator().manual_seed(11), **kwargs)
     draws = method.precompute(base, deltas, generator=torch.Generator().manual_seed(11))
     assert draws.shape == deltas.shape and draws.dtype == torch.float32  # each model's 24-bit words
     assert draws.nbytes == base.numel() * method.precompute_bytes(base.device, dtype, 3)  # what memory.py counts
-    kept = method.fn(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
+    kept = method.merge(base, deltas.clone(), generator=torch.Generator(), precomputed=draws, **kwargs)
     assert torch.equal(live, expected) and torch.equal(kept, expected)
     assert not torch.equal(live, base)
     assert method.precompute(base.double(), deltas.double(), generator=torch.Generator()) is None

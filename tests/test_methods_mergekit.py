@@ -315,7 +315,7 @@ def ours(case: dict) -> torch.Tensor:
     if method.random:
         kwargs["generator"] = torch.Generator().manual_seed(case["seed"])
     inputs = stacked - base if method.inputs == "deltas" else stacked
-    return method.fn(base, inputs, **kwargs)
+    return method.merge(base, inputs, **kwargs)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[case["id"] for case in CASES])

@@ -71,9 +71,9 @@ class InPlaceMerger:
                     kwargs["precomputed"] = known[name]
                 # Methods write into a flat view of ``out`` in the sources' dtype.
                 if target.is_contiguous() and target.dtype == self.dtype:
-                    method.fn(base, stacked, **kwargs, out=target)
+                    method.merge(base, stacked, **kwargs, out=target)
                 else:
-                    target.copy_(method.fn(base, stacked, **kwargs))
+                    target.copy_(method.merge(base, stacked, **kwargs))
 
     def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, object]:
         """The results of ``method.precompute`` kept for ``recipe``; a random method's are the draws of

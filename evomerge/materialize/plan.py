@@ -78,7 +78,7 @@ def depth(tensor_name: str, num_layers: int) -> float:
 def method_kwargs(
     recipe: Recipe, method: MergeMethod, tensor_name: str, *, num_layers: int, device: torch.device
 ) -> dict[str, object]:
-    """Keyword arguments of ``method.fn`` for one tensor.
+    """Keyword arguments of ``method.merge`` for one tensor.
 
     Per-model values travel as a float64 tensor: mergekit keeps ``int(density * n)`` entries with a
     Python float, and density 0.7 rounded to float32 keeps one entry fewer on some sizes. The methods

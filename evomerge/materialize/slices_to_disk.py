@@ -271,7 +271,7 @@ def write_group(group: Group, writer: ShardedWriter, *, device: torch.device, dt
         if method.random:  # seeded by the output's name: two slices' layer 0 draw different masks
             kwargs["generator"].manual_seed(tensor_seed(group.recipe.seed, out_name))
         merged = torch.empty(reference.shape(name), dtype=dtype, device=device)
-        writer.add(out_name, method.fn(base, stacked, **kwargs, out=merged))
+        writer.add(out_name, method.merge(base, stacked, **kwargs, out=merged))
 
 
 def _model_card(recipe: SlicesRecipe, mergekit_yaml: str, tied: list[str]) -> str:

@@ -56,7 +56,7 @@ def merge_to_disk(
             kwargs = method_kwargs(recipe, method, name, num_layers=reference.num_layers, device=torch_device)
             # The inputs' buffers are refilled for the next tensor: the result must be a tensor of its own.
             merged = torch.empty(sources.shape(name), dtype=out_dtype, device=torch_device)
-            writer.add(name, method.fn(base, stacked, **kwargs, out=merged))
+            writer.add(name, method.merge(base, stacked, **kwargs, out=merged))
         writer.finish()
         write_model_files(
             folder=tmp,

@@ -19,19 +19,22 @@ from evomerge.methods.sparsify import magnitude_outliers
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 _REFERENCE = "https://arxiv.org/abs/2312.06795"
-
-
-def _crumbs(deltas: torch.Tensor, density: torch.Tensor, gamma: torch.Tensor, rescale: bool) -> torch.Tensor:
-    kept = torch.empty_like(deltas)
-    for delta, keep, outliers, out in zip(deltas, density.tolist(), gamma.tolist(), kept, strict=True):
-        magnitude_outliers(delta, keep, outliers, out, rescale=rescale)
-    return kept
+_PARAMS = (WEIGHT, DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF, LAMBDA, INT8_MASK)
 
 
 @merge_method(
+    name="breadcrumbs_ties",
+    reference=_REFERENCE,
+    params=_PARAMS,
+    fixed={"sign_consensus": True},
+    inputs="deltas",
+    needs_base=True,
+)
+@merge_method(
     name="breadcrumbs",
     reference=_REFERENCE,
-    params=(WEIGHT, DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF, LAMBDA),
+    params=_PARAMS,
+    fixed={"sign_consensus": False},
     inputs="deltas",
     needs_base=True,
 )
@@ -45,33 +48,14 @@ def breadcrumbs(
     normalize: bool,
     rescale: bool,
     lambda_: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
-    kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=False, out=out)
-
-
-@merge_method(
-    name="breadcrumbs_ties",
-    reference=_REFERENCE,
-    params=(WEIGHT, DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF, LAMBDA, INT8_MASK),
-    inputs="deltas",
-    needs_base=True,
-)
-def breadcrumbs_ties(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    *,
-    weight: torch.Tensor,
-    density: torch.Tensor,
-    gamma: torch.Tensor,
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
     int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    sign_consensus: bool,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Model Breadcrumbs with TIES sign election (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795)."""
-    kept = _crumbs(deltas, density, gamma, rescale)
-    return merge_task_vectors(base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=True, out=out)
+    """Model Breadcrumbs (Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795), summed or TIES-elected."""
+    kept = torch.empty_like(deltas)
+    for delta, keep, outliers, crumbs in zip(deltas, density.tolist(), gamma.tolist(), kept, strict=True):
+        magnitude_outliers(delta, keep, outliers, crumbs, rescale=rescale)
+    return merge_task_vectors(
+        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=sign_consensus, out=out
+    )

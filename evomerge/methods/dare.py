@@ -45,23 +45,79 @@ def dare_draws_bytes(device: torch.device, dtype: torch.dtype, count: int) -> in
     return 4 * count if draws_words(device, dtype) else 0
 
 
-def _dare(
+_PARAMS = (WEIGHT, DENSITY, NORMALIZE_OFF, RESCALE_ON, LAMBDA, INT8_MASK)
+# What the two registrations share besides the consensus step.
+_DARE = {
+    "inputs": "deltas",
+    "needs_base": True,
+    "random": True,
+    "precompute": dare_draws,
+    "precompute_bytes": dare_draws_bytes,
+}
+
+
+def _dare_ties_fused(
     base: torch.Tensor,
     deltas: torch.Tensor,
+    draws: torch.Tensor,
+    rows: list[int | None],
+    keeps: list[float],
     weight: torch.Tensor,
-    density: torch.Tensor,
     *,
     normalize: bool,
     rescale: bool,
     lambda_: float,
-    sign_consensus: bool,
-    generator: torch.Generator,
-    draws: torch.Tensor | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Drop, rescale and merge; with the draws known (kept, or drawn first on CPU) every step is
-    elementwise: DARE-TIES over kept draws merges in one pass (fused.py, compiled for large tensors),
-    the rest a chunk at a time (small temporaries)."""
+    """DARE-TIES in one pass (see fused.py) over the kept words (``[rows, numel]``): model k keeps the
+    entries whose word is below ``ceil(p_k * 2**24)``, ``p_k`` its density rounded to the deltas' dtype as
+    ``random_drop`` rounds it (``bernoulli``'s mask), and divides them by ``p_k``; a model kept whole keeps
+    every word (cut 2**24, any row) and divides by 1 (exact), so it is copied as live."""
+    work = deltas.dtype
+    probabilities = torch.tensor([min(keep, 1.0) for keep in keeps], dtype=work, device=deltas.device)
+    cuts = probabilities.float().mul(WORD_RANGE).ceil_()
+    # random_drop divides by the probability clamped to the smallest normal number (see _draw_and_mask).
+    divisors = probabilities.clamp(min=torch.finfo(work).tiny)
+    spare = next((row for row in rows if row is not None), 0)
+    rows = tuple(spare if row is None else row for row in rows)
+    out = torch.empty_like(base) if out is None else out
+    return fused.ties_by_draws(
+        out,
+        base,
+        deltas,
+        draws,
+        rows,
+        cuts,
+        divisors,
+        weight.to(work),
+        lambda_,
+        normalize=normalize,
+        rescale=rescale,
+        compiled=fused.worth_fusing(base),
+    )
+
+
+@merge_method(name="dare_ties", reference=_REFERENCE, params=_PARAMS, fixed={"sign_consensus": True}, **_DARE)
+@merge_method(name="dare_linear", reference=_REFERENCE, params=_PARAMS, fixed={"sign_consensus": False}, **_DARE)
+def dare(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    sign_consensus: bool,
+    generator: torch.Generator,
+    out: torch.Tensor | None = None,
+    precomputed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099), then a sum (dare_linear) or TIES' sign election."""
+    # With the draws known (kept, or drawn first on CPU) every step is elementwise: DARE-TIES over kept
+    # draws merges in one pass (fused.py, compiled for large tensors), the rest a chunk at a time.
+    draws = precomputed
     keeps = density.tolist()
     # Draws kept across calls mean a caller merging again and again (the in-place path): worth compiling for.
     resident = draws is not None
@@ -106,123 +162,3 @@ def _dare(
             out=merged[span],
         )
     return merged.view(base.shape)
-
-
-def _dare_ties_fused(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    draws: torch.Tensor,
-    rows: list[int | None],
-    keeps: list[float],
-    weight: torch.Tensor,
-    *,
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    """DARE-TIES in one pass (see fused.py) over the kept words (``[rows, numel]``): model k keeps the
-    entries whose word is below ``ceil(p_k * 2**24)``, ``p_k`` its density rounded to the deltas' dtype as
-    ``random_drop`` rounds it (``bernoulli``'s mask), and divides them by ``p_k``; a model kept whole keeps
-    every word (cut 2**24, any row) and divides by 1 (exact), so it is copied as live."""
-    work = deltas.dtype
-    probabilities = torch.tensor([min(keep, 1.0) for keep in keeps], dtype=work, device=deltas.device)
-    cuts = probabilities.float().mul(WORD_RANGE).ceil_()
-    # random_drop divides by the probability clamped to the smallest normal number (see _draw_and_mask).
-    divisors = probabilities.clamp(min=torch.finfo(work).tiny)
-    spare = next((row for row in rows if row is not None), 0)
-    rows = tuple(spare if row is None else row for row in rows)
-    out = torch.empty_like(base) if out is None else out
-    return fused.ties_by_draws(
-        out,
-        base,
-        deltas,
-        draws,
-        rows,
-        cuts,
-        divisors,
-        weight.to(work),
-        lambda_,
-        normalize=normalize,
-        rescale=rescale,
-        compiled=fused.worth_fusing(base),
-    )
-
-
-@merge_method(
-    name="dare_ties",
-    reference=_REFERENCE,
-    params=(WEIGHT, DENSITY, NORMALIZE_OFF, RESCALE_ON, LAMBDA, INT8_MASK),
-    inputs="deltas",
-    needs_base=True,
-    random=True,
-    precompute=dare_draws,
-    precompute_bytes=dare_draws_bytes,
-)
-def dare_ties(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    *,
-    weight: torch.Tensor,
-    density: torch.Tensor,
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
-    int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
-    generator: torch.Generator,
-    out: torch.Tensor | None = None,
-    precomputed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099) with TIES sign election."""
-    return _dare(
-        base,
-        deltas,
-        weight,
-        density,
-        normalize=normalize,
-        rescale=rescale,
-        lambda_=lambda_,
-        sign_consensus=True,
-        generator=generator,
-        draws=precomputed,
-        out=out,
-    )
-
-
-@merge_method(
-    name="dare_linear",
-    reference=_REFERENCE,
-    params=(WEIGHT, DENSITY, NORMALIZE_OFF, RESCALE_ON, LAMBDA),
-    inputs="deltas",
-    needs_base=True,
-    random=True,
-    precompute=dare_draws,
-    precompute_bytes=dare_draws_bytes,
-)
-def dare_linear(
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    *,
-    weight: torch.Tensor,
-    density: torch.Tensor,
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
-    generator: torch.Generator,
-    out: torch.Tensor | None = None,
-    precomputed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DARE, Language models are Super Mario (Yu et al. 2023, https://arxiv.org/abs/2311.03099)."""
-    return _dare(
-        base,
-        deltas,
-        weight,
-        density,
-        normalize=normalize,
-        rescale=rescale,
-        lambda_=lambda_,
-        sign_consensus=False,
-        generator=generator,
-        draws=precomputed,
-        out=out,
-    )

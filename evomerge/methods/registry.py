@@ -128,6 +128,10 @@ class MergeMethod:
 
     ``optional_base`` (with ``needs_base`` false): the method takes the recipe's base where it names one
     and merges without one otherwise (mergekit's nuslerp, multislerp); ``fn`` then gets ``base=None``.
+
+    ``fixed``: keyword arguments this name always passes to ``fn``. Twins share one function and differ in
+    one step (dare_ties and dare_linear: ``sign_consensus`` True or False), as mergekit registers its
+    generalized task arithmetic variants. Callers run a method through ``merge``, which adds them.
     """
 
     name: str
@@ -142,6 +146,11 @@ class MergeMethod:
     max_models: int | None = None
     precompute: Callable[..., object] | None = None
     precompute_bytes: Callable[[torch.device, torch.dtype, int], int] = lambda device, dtype, count: 0
+    fixed: tuple[tuple[str, object], ...] = ()
+
+    def merge(self, base: torch.Tensor | None, inputs: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """``fn`` with this name's fixed arguments, as every caller runs a method."""
+        return self.fn(base, inputs, **dict(self.fixed), **kwargs)
 
     @property
     def takes_base(self) -> bool:
@@ -175,6 +184,7 @@ def merge_method(
     max_models: int | None = None,
     precompute: Callable[..., object] | None = None,
     precompute_bytes: Callable[[torch.device, torch.dtype, int], int] = lambda device, dtype, count: 0,
+    fixed: dict[str, object] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; registering a name twice is an error, not an overwrite."""
 
@@ -194,6 +204,7 @@ def merge_method(
             max_models=max_models,
             precompute=precompute,
             precompute_bytes=precompute_bytes,
+            fixed=tuple(sorted((fixed or {}).items())),
         )
         return fn
 

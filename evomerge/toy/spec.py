@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -46,46 +46,39 @@ class WorldSpec:
         return self.num_layers + 1
 
 
-SPECS = {
-    "full": WorldSpec(
-        hidden_size=128,
-        num_layers=3,
-        num_heads=4,
-        intermediate_size=384,
-        batch_size=64,
-        base_steps=900,
-        base_lr=2e-3,
-        expert_steps=300,
-        math_lr=1e-3,
-        lang_lr=3e-3,
-        replay_fraction=0.3,
-        base_math_fraction=0.05,
-        l2_offset_scale=2.5,
-        code_switch_fraction=0.3,
-        align_weight=1.0,
-        drift_steps=200,
-        drift_lr=2e-3,
-    ),
-    "tiny": WorldSpec(
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        batch_size=32,
-        base_steps=120,
-        base_lr=3e-3,
-        expert_steps=40,
-        math_lr=1e-3,
-        lang_lr=3e-3,
-        replay_fraction=0.3,
-        base_math_fraction=0.05,
-        l2_offset_scale=2.5,
-        code_switch_fraction=0.3,
-        align_weight=1.0,
-        drift_steps=20,
-        drift_lr=2e-3,
-    ),
-}
+FULL = WorldSpec(
+    hidden_size=128,
+    num_layers=3,
+    num_heads=4,
+    intermediate_size=384,
+    batch_size=64,
+    base_steps=900,
+    base_lr=2e-3,
+    expert_steps=300,
+    math_lr=1e-3,
+    lang_lr=3e-3,
+    replay_fraction=0.3,
+    base_math_fraction=0.05,
+    l2_offset_scale=2.5,
+    code_switch_fraction=0.3,
+    align_weight=1.0,
+    drift_steps=200,
+    drift_lr=2e-3,
+)
+# The same recipe, small and short: the test suite's world (seconds to build).
+TINY = replace(
+    FULL,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    batch_size=32,
+    base_steps=120,
+    base_lr=3e-3,
+    expert_steps=40,
+    drift_steps=20,
+)
+SPECS = {"full": FULL, "tiny": TINY}
 
 # Each build runs on this many threads whatever the machine has: CPU kernels sum in a thread-dependent
 # order, so a fixed count is what makes the same seed give the same tensors. One thread, because at
