@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -185,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    console = argv is None  # run as the console script: the process ends when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["search"]:
         return _search(argv[1:])
@@ -198,11 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-    if console:
-        # What is left is the interpreter's exit, whose garbage collections walk every object torch's
-        # import made: 0.5 s of a 3.5 s `evomerge merge` on the merge bench. Frozen objects are skipped
-        # by those walks (and still freed by reference counting).
-        gc.freeze()
     return 0
 
 

@@ -144,9 +144,11 @@ class Checkpoint:
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy one tensor into ``out`` (its shape; any dtype and device, cast on the way) and return ``out``.
 
-        A contiguous CPU ``out`` of the stored dtype is filled by read(2) from the shard, not through
-        safetensors' memory map: every mapped page the copy touches stays in the process's resident
-        set while the shard is open, which made reading three 212 MB models cost 650 MB of RSS.
+        A contiguous CPU ``out`` of the stored dtype is filled by a positioned read from the shard, not
+        through safetensors' memory map: every mapped page the copy touches stays in the process's resident
+        set while the shard is open. Reading 24 Llama-7B MLP matrices (2 GiB of bfloat16, 8 per shard) into
+        one buffer peaked at 340 MiB this way and at 1,028 MiB through ``safe_open``, in the same time
+        (scripts/bench_reads.py, results/bench_reads.md); at 5 GB shards that is gigabytes per source.
         """
         file = self.shards[name]
         layout = self._layout(file)
