@@ -7,12 +7,19 @@ sampler, optuna's older advice, broke with optuna 5.1, whose NSGA-II sampler hol
 NSGA-II keeps its generation bookkeeping in the study's system attrs, so the rebuilt study is the one
 the sampler left.
 
-Resume never reads optuna.db: a kill between the file's refresh and the loop's checkpoint leaves it a
-generation ahead. `state_dict()` holds the completed trials with their system attrs and the study's
-system attrs. Asked one at a time, the trials in flight are in it too, as running trials (TPE's
-constant liar counts them); a whole generation in flight is not (it is asked again). A checkpoint
-written before this scheme also holds a pickled sampler, which is ignored: such a run resumes with the
-per-trial seeds, so its later proposals differ from those the old version would have made.
+Why optuna's own storage (RDB or journal) is not the resume state: exact resume needs the study as it
+was at the loop's checkpoint, and optuna lacks a public way to cut a study back to an earlier point.
+Its storages commit every ask and tell on their own, so a kill between a tell and the checkpoint leaves
+the storage ahead of it; optuna has no API to delete a trial or to revert a COMPLETE one, and rolling
+a journal file back would mean truncating its private log format. So the checkpoint holds the study,
+and optuna.db is a mirror (refreshed after each generation, for optuna's dashboard and
+`optuna.load_study`) that resume never reads.
+
+`state_dict()` holds the completed trials with their system attrs and the study's system attrs. Asked
+one at a time, the trials in flight are in it too, as running trials (TPE's constant liar counts them);
+a whole generation in flight is not (it is asked again). A checkpoint written before this scheme also
+holds a pickled sampler, which is ignored: such a run resumes with the per-trial seeds, so its later
+proposals differ from those the old version would have made.
 """
 
 from __future__ import annotations
