@@ -30,6 +30,7 @@ from evomerge.config import CONF_DIR, register_configs
 from evomerge.executor.worker import Worker
 from evomerge.io.atomic import atomic_write_text
 from evomerge.search.session import start
+from evomerge.toy.world import BUILDER_VERSION
 
 SEARCHES = {
     "ties (PS)": ["method=ties"],
@@ -128,7 +129,8 @@ def main() -> None:
         "",
         f"- Machine: {device_name}, {os.cpu_count()} CPUs, torch {torch.__version__}; load average before "
         f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}.",
-        "- Each search: `preset=toy executor=serial optimizer=random` (every candidate new: merged and scored, none "
+        f"- Each search: `preset=toy executor=serial optimizer=random` on the toy world `full-seed0-v{BUILDER_VERSION}` "
+        "(every candidate new: merged and scored, none "
         "from the cache), memory read after the worker returns each candidate.",
         "- Columns per reading: after the 1st / 10th / last candidate; growth from the 10th to the last; slope "
         "over the second half. The first candidates pay one-off allocations (what a method precomputes, "

@@ -296,7 +296,7 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
         f"work (1-minute load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end), no GPU; "
         f"a local Ray instance with {args.workers} workers of 1 torch thread each (started in {ray_start_s:.1f} s). "
-        f"World: the full toy world (`preset=toy`, `evomerge toy build --size full`), method `{cfg.method.name}`, "
+        f"World: the toy world `{Path(cfg.models.base).parents[1].name}` (`preset=toy`), method `{cfg.method.name}`, "
         f"CMA-ES, {state.evaluations} evaluations in generations of {generation}.",
         "",
         "| measure | value | target |",

@@ -43,7 +43,7 @@ def main() -> None:
     lines = [
         "# Toy-world search: optimizers at equal budget",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `python {' '.join(sys.argv)}` (toy world `{Path(cfg.models.base).parents[1].name}`)",
         "",
         f"Objective: `{objective}` = "
         + " + ".join(f"{w} × {k}" for k, w in cfg.objectives[0].terms.items())
