@@ -103,6 +103,8 @@ class ExecutorKind(str, Enum):
 class ExecutorConfig:
     kind: ExecutorKind = ExecutorKind.serial
     threads: int | None = None  # torch threads per worker; null: torch's default
+    tier: str = "auto"  # where a worker keeps the sources: auto, resident, host or disk (materialize/in_place.py)
+    reserve_bytes: int | None = None  # device memory kept for the KV cache and activations; null: derived
     # The Ray pool's knobs (conf/executor/ray.yaml says what each does):
     num_workers: int | None = None
     address: str | None = None
@@ -213,6 +215,10 @@ def check_config(cfg: DictConfig) -> None:
 
 def _check_executor(cfg: DictConfig, bad) -> None:
     executor = cfg.executor
+    if executor.tier not in ("auto", "resident", "host", "disk"):
+        raise bad("executor.tier", executor.tier, "auto, resident, host or disk")
+    if executor.reserve_bytes is not None and executor.reserve_bytes < 0:
+        raise bad("executor.reserve_bytes", executor.reserve_bytes, "a number of bytes >= 0, or null")
     if executor.threads is not None and executor.threads < 1:
         raise bad("executor.threads", executor.threads, "a positive number of torch threads per worker, or null")
     if executor.kind != "ray":

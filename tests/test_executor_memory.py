@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.executor.memory import check_sources_fit, precompute_bytes, resident_bytes
+from evomerge.executor.memory import plan_memory, precompute_bytes, resident_bytes
 from evomerge.recipe.recipe import Recipe
 
 # The tiny Llama's tensors hold 27,744 entries in all (tests/test_executor_ray.py works them out).
@@ -39,19 +39,21 @@ def test_precompute_bytes_per_method_device_and_dtype(toy_world, method, device,
     assert precompute_bytes(template, device=torch.device(device), dtype=dtype) == 2 * ENTRIES * per_entry
 
 
-def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_is_refused(toy_world, monkeypatch):
+def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_merges_without_them(toy_world, monkeypatch):
     template = recipe(toy_world, "ties")
     sources, copies = resident_bytes(template, "float32")
     assert (sources, copies) == (ENTRIES * 4 * 4, 4)  # working model, base, two task vectors
     needed = sources + 2 * ENTRIES * 8
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
-    with pytest.raises(EvomergeError) as caught:
-        check_sources_fit(template, device=torch.device("cpu"), dtype="float32")
-    message = str(caught.value)
-    assert f"needs {needed:,} bytes" in message and "that ties keeps to merge each candidate fast" in message
-    assert "use task_arithmetic" in message
+    plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert (plan.tier, plan.precompute) == ("resident", False)
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed)
-    check_sources_fit(template, device=torch.device("cpu"), dtype="float32")
+    plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert (plan.tier, plan.precompute, plan.device_parts["precompute"]) == ("resident", True, 2 * ENTRIES * 8)
+    # Not even the model and one tensor's inputs: refused, with what each tier needs.
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: ENTRIES * 4)
+    with pytest.raises(EvomergeError, match="fits no memory tier: resident with precompute needs"):
+        plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
 
 
 def test_a_restarted_worker_waits_for_its_device_memory_to_come_free(monkeypatch):

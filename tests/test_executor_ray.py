@@ -6,6 +6,7 @@ One local Ray instance serves the module (its start costs seconds); every pool i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -82,17 +83,21 @@ def by_position(results) -> list:
 def test_the_sources_must_fit_the_device(spec, monkeypatch):
     # Tiny Llama: embeddings and lm_head 111x32 each, final norm 32, and per layer q/k/v/o 32x32,
     # gate/up/down 64x32, two norms of 32: 3552*2 + 32 + 2*(4*1024 + 3*2048 + 64) = 27,744 floats.
-    # task_arithmetic keeps the working model, the base and both task vectors: 4 copies x 4 bytes.
-    needed = 27_744 * 4 * 4
-    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
+    # task_arithmetic keeps the working model, the base and both task vectors: 4 copies x 4 bytes. The disk
+    # tier keeps the model and one tensor's three inputs (the largest, an embedding: 3,552 floats each).
+    spec = dataclasses.replace(spec, reserve_bytes=0)
+    resident, disk = 27_744 * 4 * 4, 27_744 * 4 + 3 * 3_552 * 4
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: resident)
+    assert Worker(spec).memory.tier == "resident"  # exactly enough is enough
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: resident - 1)
+    worker = Worker(spec)
+    assert worker.memory.tier == "disk" and sum(worker.memory.device_parts.values()) == disk
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: disk - 1)
     with pytest.raises(EvomergeError) as caught:
         Worker(spec)
     message = str(caught.value)
-    assert f"needs {needed:,} bytes" in message and f"only {needed - 1:,} bytes" in message
-    assert "4 copies of the model in float32" in message
-    assert "dtype=bfloat16" in message and "fewer models" in message and "bigger GPU" in message
-    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed)
-    Worker(spec)  # exactly enough is enough
+    assert "fits no memory tier" in message and f"resident needs {resident / 2**30:.2f} GiB" in message
+    assert "dtype=bfloat16" in message and "fewer models" in message and "more free memory" in message
 
 
 @pytest.mark.e2e

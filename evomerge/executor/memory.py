@@ -5,6 +5,7 @@ with the numbers, instead of minutes later with an out-of-memory kill that reads
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -56,24 +57,140 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
 
 
 class SourcesDoNotFit(EvomergeError):
-    """The device lacks the free memory to hold a worker's sources (see ``check_sources_fit``)."""
+    """The device lacks the free memory for a worker in any memory tier (see ``plan_memory``)."""
 
 
-def check_sources_fit(template: Recipe | DataFlowRecipe, *, device: torch.device, dtype: str) -> None:
-    """Refuse to load sources that would not fit ``device`` (activations come on top of this bound)."""
-    resident, copies = resident_bytes(template, dtype)
-    kept = precompute_bytes(template, device=device, dtype=dtype)
-    needed = resident + kept
-    available = free_bytes(device)
-    if needed <= available:
-        return
-    what = f"{copies} copies of the model in {dtype}"
-    if kept:
-        what += f", and up to {kept / 2**30:.2f} GiB that {template.method} keeps to merge each candidate fast"
-    smaller = "use dtype=bfloat16 (half of float32), " if dtype == "float32" else ""
-    raise SourcesDoNotFit(
-        f"the worker on {device} needs {needed:,} bytes ({needed / 2**30:.2f} GiB: {what}) but only {available:,} "
-        f"bytes ({available / 2**30:.2f} GiB) are free there",
-        f"{smaller}merge fewer models{', or use task_arithmetic (keeps nothing extra)' if kept else ''}, or run on a "
-        "device with more free memory (a bigger GPU; with executor=ray each worker gets a GPU of its own)",
+# The memory tiers in the order a worker prefers them (materialize/in_place.py says what each keeps where).
+TIERS = ("resident", "host", "disk")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A worker's memory tier and the bytes each part takes: on the device, and in host memory beside it."""
+
+    tier: str
+    precompute: bool  # whether the method keeps its precompute (resident only)
+    device_parts: dict[str, int]
+    host_parts: dict[str, int]
+    device_free: int
+    host_free: int
+
+    @property
+    def headroom(self) -> int:
+        """What the device keeps free for the KV cache and activations: its free memory less everything but
+        the reserve, which is the headroom's floor."""
+        return self.device_free - sum(v for k, v in self.device_parts.items() if k != "reserve")
+
+    def describe(self, device: torch.device) -> str:
+        parts = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.device_parts.items())
+        host = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.host_parts.items())
+        return (
+            f"memory tier {self.tier}{' with' if self.precompute else ' without'} precompute on {device}: "
+            f"{parts}{f'; in host memory: {host}' if host else ''}; headroom for KV cache and activations "
+            f"{self.headroom / 2**30:.2f} GiB of {self.device_free / 2**30:.2f} GiB free"
+        )
+
+
+def tier_options(
+    *, model: int, sources: int, precompute: int, stream: int, reserve: int, device_is_host: bool
+) -> list[tuple[str, bool, dict[str, int], dict[str, int]]]:
+    """Each way a worker can keep its sources, fastest first: ``(tier, precompute, device parts, host parts)``.
+
+    ``model``: the working model; ``sources``: every source copy the method reads; ``precompute``: what the
+    method keeps to merge fast; ``stream``: one tensor's inputs (the largest), which the host and disk tiers
+    hold on the device while it merges; ``reserve``: the KV cache and activations. On a CPU the host tier
+    is the resident one (host memory is the device's), so it is not offered.
+    """
+    options = []
+    if precompute:
+        options.append(("resident", True, {"model": model, "sources": sources, "precompute": precompute}, {}))
+    options.append(("resident", False, {"model": model, "sources": sources}, {}))
+    if not device_is_host:
+        options.append(("host", False, {"model": model, "streamed tensors": 2 * stream}, {"sources": sources}))
+    options.append(("disk", False, {"model": model, "streamed tensor": stream}, {}))
+    return [(tier, pre, {**device, "reserve": reserve}, host) for tier, pre, device, host in options]
+
+
+def choose_tier(
+    options: list[tuple[str, bool, dict[str, int], dict[str, int]]],
+    *,
+    device_free: int,
+    host_free: int,
+    forced: str = "auto",
+    device: str = "the device",
+) -> MemoryPlan:
+    """The first option that fits (of tier ``forced`` unless auto); else a one-paragraph refusal with each
+    tier's needs, naming the tier that would fit where one was forced."""
+    plans = [MemoryPlan(t, pre, dev, host, device_free, host_free) for t, pre, dev, host in options]
+    fitting = [
+        plan
+        for plan in plans
+        if sum(plan.device_parts.values()) <= device_free and sum(plan.host_parts.values()) <= host_free
+    ]
+    chosen = [plan for plan in fitting if forced in ("auto", plan.tier)]
+    if chosen:
+        return chosen[0]
+    needs = "; ".join(
+        f"{plan.tier}{' with precompute' if plan.precompute else ''} needs {sum(plan.device_parts.values()) / 2**30:.2f} GiB"
+        + (f" there and {sum(plan.host_parts.values()) / 2**30:.2f} GiB of host memory" if plan.host_parts else "")
+        for plan in plans
+        if forced in ("auto", plan.tier)
     )
+    other = f"executor.tier={fitting[0].tier} (or auto) fits; " if fitting else ""
+    raise SourcesDoNotFit(
+        f"the worker on {device} fits no memory tier{'' if forced == 'auto' else f' of {forced}'}: {needs}; "
+        f"{device_free / 2**30:.2f} GiB are free there and {host_free / 2**30:.2f} GiB in host memory",
+        f"{other}use dtype=bfloat16 (half of float32), merge fewer models, lower executor.reserve_bytes, or run on "
+        "a device with more free memory",
+    )
+
+
+def default_reserve(config: dict, *, dtype: str, batch_size: int | str, max_length: int | None) -> int:
+    """Bytes for scoring one batch: the KV cache, the float32 logits lm-eval takes a log-softmax of, and one
+    layer's activations, for ``batch_size`` requests of ``max_length`` tokens (lm-eval's own default:
+    the model's context, capped at 2048). ``batch_size=auto`` counts one request: lm-eval then sizes its
+    batches to the memory left, so set ``executor.reserve_bytes`` if scoring needs more."""
+    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    length = max_length or min(int(config.get("max_position_embeddings") or 2048), 2048)
+    batch = batch_size if isinstance(batch_size, int) else 1
+    hidden, layers = int(config.get("hidden_size") or 0), int(config.get("num_hidden_layers") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    head_dim = int(config.get("head_dim") or hidden // heads)  # a config may hold head_dim: null
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    intermediate = int(config.get("intermediate_size") or 4 * hidden)
+    tokens = batch * length
+    kv_cache = 2 * layers * kv_heads * head_dim * tokens * itemsize
+    logits = tokens * int(config.get("vocab_size") or 0) * 4
+    activations = tokens * (4 * hidden + 2 * intermediate) * itemsize
+    return kv_cache + logits + activations
+
+
+def plan_memory(
+    template: Recipe | DataFlowRecipe,
+    *,
+    device: torch.device,
+    dtype: str,
+    reserve: int,
+    tier: str = "auto",
+) -> MemoryPlan:
+    """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced)."""
+    if tier not in ("auto", *TIERS):
+        raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
+    resident, copies = resident_bytes(template, dtype)
+    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    if isinstance(template, DataFlowRecipe):  # paths run the sources' own layers: they stay resident
+        options, tier = [("resident", False, {"sources": resident, "reserve": reserve}, {})], "auto"
+    else:
+        sources = MergeSources.open(template, validate(template))
+        model = resident // copies
+        largest = max(math.prod(sources.reference.shape(name)) for name in sources.reference.names)
+        options = tier_options(
+            model=model,
+            sources=resident - model,
+            precompute=precompute_bytes(template, device=device, dtype=dtype),
+            stream=largest * itemsize * len(sources.all),
+            reserve=reserve,
+            device_is_host=device.type == "cpu",
+        )
+    host = psutil.virtual_memory().available
+    return choose_tier(options, device_free=free_bytes(device), host_free=host, forced=tier, device=str(device))

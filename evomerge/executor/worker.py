@@ -18,7 +18,8 @@ import torch
 
 from evomerge.dtypes import torch_dtype
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
-from evomerge.executor.memory import check_sources_fit
+from evomerge.executor.memory import default_reserve, plan_memory
+from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import DataFlowRouter
 from evomerge.materialize.in_place import InPlaceMerger
@@ -35,6 +36,8 @@ class WorkerSpec:
     tasks: TaskSet
     device: str = "cpu"
     dtype: str = "float32"
+    tier: str = "auto"  # where the sources are kept: auto (the fastest that fits), resident, host or disk
+    reserve_bytes: int | None = None  # headroom for the KV cache and activations; None: default_reserve
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,23 @@ def _described(error: Exception, *, frames: int = 3) -> str:
     return "\n".join([detail, *(f"  at {f.filename}:{f.lineno} in {f.name}" for f in stack)])
 
 
+def _reserve(spec: WorkerSpec) -> int:
+    """``spec.reserve_bytes``, or the default for scoring ``spec.tasks`` on the model the worker loads."""
+    if spec.reserve_bytes is not None:
+        return spec.reserve_bytes
+    template = spec.template
+    if isinstance(template, DataFlowRecipe):
+        reference = template.sources[template.embedding_source]
+    else:
+        reference = template.base if template.base is not None else template.models[0].model
+    return default_reserve(
+        Checkpoint.open(reference).config,
+        dtype=spec.dtype,
+        batch_size=spec.tasks.batch_size,
+        max_length=spec.tasks.model_args.get("max_length"),
+    )
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +96,8 @@ class Worker:
 
         template = spec.template
         device = resolve_device(spec.device)
-        check_sources_fit(template, device=device, dtype=spec.dtype)
+        self.memory = plan_memory(template, device=device, dtype=spec.dtype, reserve=_reserve(spec), tier=spec.tier)
+        print(f"evomerge: {self.memory.describe(device)}", flush=True)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(template.sources[template.embedding_source]).path)
@@ -84,7 +105,9 @@ class Worker:
             reference = template.base if template.base is not None else template.models[0].model
             folder = resolve_model(reference).path  # a hub ID's cached snapshot
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(spec.dtype)).to(device).eval()
-            self.merger = InPlaceMerger(model=model, template=template)
+            self.merger = InPlaceMerger(
+                model=model, template=template, tier=self.memory.tier, precompute=self.memory.precompute
+            )
             # A tokenizer_source gives the merge its own vocabulary, which the model was resized to.
             tokenizer = self.merger.tokenizer
             if tokenizer is None:

@@ -1,14 +1,20 @@
 """The search's hot path: write a candidate's merged weights into a loaded model, in place, on its device.
 
-Sources stay resident on the model's device in the form the method reads (task vectors are computed
-once, here, not per candidate), and so does what a method declares it derives from its inputs alone
-(its ``precompute``: TIES' sorted magnitudes, slerp's norms, DARE's draws for the recipe's seed),
-computed the first time a candidate uses that method (and seed). Each candidate costs one method call
-per tensor, written straight into the parameter, with temporaries the size of one tensor, never a
-second model.
+Where the sources are kept is the worker's memory tier (``executor/memory.py`` picks the fastest that fits):
+- ``resident``: on the model's device, in the form the method reads (task vectors computed once, here, not
+  per candidate), with what a method declares it derives from its inputs alone (its ``precompute``: TIES'
+  sorted magnitudes, slerp's norms, DARE's draws for the recipe's seed) where that fits too;
+- ``host``: in host memory (pinned, on a GPU machine), copied to the device a tensor at a time per
+  candidate, the next tensor's copy running on a side stream while this one merges;
+- ``disk``: read from the checkpoints (the page cache, once warm) a tensor at a time per candidate.
+Outside ``resident``, and where the precompute does not fit, the method runs its eager path, which merges
+the same tensors (tests/test_memory_tiers.py). Each candidate costs one method call per tensor, written
+straight into the parameter, with temporaries the size of one tensor, never a second model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -18,11 +24,18 @@ from evomerge.materialize.sources import MergeSources
 from evomerge.methods import MergeMethod
 from evomerge.recipe.recipe import Recipe
 
+TIERS = ("resident", "host", "disk")
+
 
 class InPlaceMerger:
-    """Holds one recipe family's sources on ``model``'s device and overwrites ``model`` per candidate."""
+    """Holds one recipe family's sources in ``tier`` and overwrites ``model`` per candidate on its device;
+    ``precompute`` false: methods run their eager path (the resident tier's precompute did not fit)."""
 
-    def __init__(self, *, model: torch.nn.Module, template: Recipe) -> None:
+    def __init__(
+        self, *, model: torch.nn.Module, template: Recipe, tier: str = "resident", precompute: bool = True
+    ) -> None:
+        if tier not in TIERS:
+            raise ValueError(f"unknown memory tier {tier!r}; one of {TIERS}")
         method = validate(template)
         sources = MergeSources.open(template, method)
         if sources.vocabulary is not None:
@@ -51,18 +64,24 @@ class InPlaceMerger:
         # (precompute function, seed for a random method) -> tensor name -> its result; a search changes
         # parameters, rarely methods or seeds. Only the latest seed's draws are kept (see _precomputed_for).
         self._precomputed: dict[tuple[object, int | None], dict[str, object]] = {}
-        with torch.no_grad():
-            for name in self._targets:
-                self._resident[name] = sources.inputs(method, name, device=self.device, dtype=self.dtype)
+        self.tier, self._precompute = tier, precompute and tier == "resident"
+        self._sources, self._method = sources, method
+        if tier != "disk":
+            kept = self.device if tier == "resident" else torch.device("cpu")
+            pin = tier == "host" and self.device.type == "cuda"
+            with torch.no_grad():
+                for name in self._targets:
+                    base, stacked = sources.inputs(method, name, device=kept, dtype=self.dtype)
+                    self._resident[name] = (_pinned(base), _pinned(stacked)) if pin else (base, stacked)
 
     def materialize(self, recipe: Recipe) -> None:
         """Overwrite the model's weights with ``recipe``'s merge of the resident sources."""
         method = self._check(recipe)
         with torch.no_grad():
-            for name, target in self._targets.items():
-                base, stacked = self._resident[name]
+            for name, (base, stacked) in self._inputs():
+                target = self._targets[name]
                 kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=self.device)
-                if method.precompute is not None:
+                if method.precompute is not None and self._precompute:
                     known = self._precomputed_for(method, recipe)
                     if name not in known:
                         # A random precompute takes this tensor's generator, as the method would draw.
@@ -74,6 +93,18 @@ class InPlaceMerger:
                     method.merge(base, stacked, **kwargs, out=target)
                 else:
                     target.copy_(method.merge(base, stacked, **kwargs))
+
+    def _inputs(self) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
+        """Each tensor's ``(base, stacked)`` on the model's device, from the tier that keeps them."""
+        if self.tier == "resident":
+            yield from self._resident.items()
+        elif self.tier == "disk":
+            for name in self._targets:
+                yield name, self._sources.inputs(self._method, name, device=self.device, dtype=self.dtype)
+        elif self.device.type != "cuda":
+            yield from self._resident.items()  # host memory is the device's memory: nothing to copy
+        else:
+            yield from _streamed(self._resident, self.device)
 
     def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, object]:
         """The results of ``method.precompute`` kept for ``recipe``; a random method's are the draws of
@@ -92,6 +123,34 @@ class InPlaceMerger:
                 "build a new InPlaceMerger for that set of models and that family of methods",
             )
         return method
+
+
+def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.pin_memory()
+
+
+def _streamed(
+    kept: dict[str, tuple[torch.Tensor | None, torch.Tensor]], device: torch.device
+) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
+    """Host tensors copied to ``device`` one tensor ahead of the merge: tensor k+1 is copied on a side
+    stream while tensor k merges on the current one, and each copy is freed once its merge has run."""
+    side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def copy(pair: tuple[torch.Tensor | None, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        with torch.cuda.stream(side):
+            side.wait_stream(current)  # the buffers the allocator reuses are free of the last merge
+            return tuple(None if t is None else t.to(device, non_blocking=True) for t in pair)
+
+    names = list(kept)
+    ahead = copy(kept[names[0]]) if names else None
+    for index, name in enumerate(names):
+        current.wait_stream(side)
+        pair = ahead
+        for tensor in pair:
+            if tensor is not None:
+                tensor.record_stream(current)  # freed after the merge that reads it, not after the copy
+        ahead = copy(kept[names[index + 1]]) if index + 1 < len(names) else None
+        yield name, pair
 
 
 def untie_head(model: torch.nn.Module) -> None:

@@ -171,7 +171,14 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             )
         # Workers validate the recipe family on a complete candidate: the centre of the box.
         center = genome.to_recipe([0.5] * genome.dimension)
-        spec = WorkerSpec(template=center, tasks=task_set(cfg), device=cfg.device, dtype=str(cfg.dtype))
+        spec = WorkerSpec(
+            template=center,
+            tasks=task_set(cfg),
+            device=cfg.device,
+            dtype=str(cfg.dtype),
+            tier=cfg.executor.tier,
+            reserve_bytes=cfg.executor.reserve_bytes,
+        )
         executor = build_executor(cfg.executor, spec)
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast

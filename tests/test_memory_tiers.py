@@ -1,0 +1,133 @@
+"""Memory tiers: which one a worker picks for given byte budgets, and that every tier merges the same tensors.
+
+The resident tier keeps the sources (and a method's precompute) on the device; the host tier keeps them in
+host memory and streams them in a tensor at a time; the disk tier reads them from the checkpoints per
+candidate (materialize/in_place.py). On a CPU the host tier's code path runs without the copy.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evomerge.executor.memory import SourcesDoNotFit, choose_tier, default_reserve, plan_memory, tier_options
+from evomerge.io.checkpoint import Checkpoint
+from evomerge.materialize.in_place import InPlaceMerger
+from evomerge.materialize.to_disk import merge_to_disk
+from tests.test_device_merge import models, recipe_for  # noqa: F401  (models is a fixture)
+
+# model 100, sources 300 (three copies), precompute 200, one tensor's inputs 30, reserve 50 (bytes).
+GPU = tier_options(model=100, sources=300, precompute=200, stream=30, reserve=50, device_is_host=False)
+
+
+def test_each_tier_needs_what_it_keeps_worked_by_hand():
+    needs = {(tier, pre): (sum(device.values()), sum(host.values())) for tier, pre, device, host in GPU}
+    assert needs == {
+        ("resident", True): (100 + 300 + 200 + 50, 0),
+        ("resident", False): (100 + 300 + 50, 0),
+        ("host", False): (100 + 2 * 30 + 50, 300),  # two tensors on the device: one merging, one arriving
+        ("disk", False): (100 + 30 + 50, 0),
+    }
+    cpu = tier_options(model=100, sources=300, precompute=0, stream=30, reserve=50, device_is_host=True)
+    assert [(tier, pre) for tier, pre, _, _ in cpu] == [("resident", False), ("disk", False)]
+
+
+@pytest.mark.parametrize(
+    ("device_free", "host_free", "tier", "precompute"),
+    [
+        (650, 0, "resident", True),
+        (649, 0, "resident", False),  # the precompute is optional: the eager path runs
+        (449, 300, "host", False),
+        (449, 299, "disk", False),
+        (180, 10**9, "disk", False),
+    ],
+)
+def test_the_fastest_tier_that_fits_is_chosen(device_free, host_free, tier, precompute):
+    plan = choose_tier(GPU, device_free=device_free, host_free=host_free)
+    assert (plan.tier, plan.precompute) == (tier, precompute)
+    assert plan.headroom == device_free - sum(v for k, v in plan.device_parts.items() if k != "reserve")
+
+
+def test_nothing_fits_says_what_each_tier_needs_and_which_would_fit():
+    with pytest.raises(SourcesDoNotFit) as caught:
+        choose_tier(GPU, device_free=179, host_free=10**9, device="cuda:0")
+    message = str(caught.value)
+    assert "the worker on cuda:0 fits no memory tier" in message
+    assert "disk needs 0.00 GiB" in message and "host needs" in message and "use dtype=bfloat16" in message
+    with pytest.raises(SourcesDoNotFit, match="executor.tier=disk \\(or auto\\) fits"):
+        choose_tier(GPU, device_free=400, host_free=0, forced="resident")
+    assert choose_tier(GPU, device_free=10**9, host_free=10**9, forced="disk").tier == "disk"
+
+
+def test_the_default_reserve_counts_kv_cache_logits_and_activations():
+    config = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "max_position_embeddings": 4096,
+    }
+    tokens = 8 * 2048  # batch 8 at lm-eval's default length, the context capped at 2048
+    kv, logits, activations = 2 * 2 * 2 * 16 * tokens * 2, tokens * 100 * 4, tokens * (4 * 64 + 2 * 128) * 2
+    assert default_reserve(config, dtype="bfloat16", batch_size=8, max_length=None) == kv + logits + activations
+    assert (
+        default_reserve(config, dtype="bfloat16", batch_size="auto", max_length=100)
+        == (kv + logits + activations) // 8 // 2048 * 100
+    )
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "della"])
+def test_every_tier_merges_what_the_resident_tier_does(models, tmp_path, method):  # noqa: F811
+    """On models whose tensors are large enough for the compiled kernels, each tier's merge equals the
+    merge to disk bit for bit; the resident one also runs the method's precompute, the others its eager path."""
+    recipe = recipe_for(models, method, "float32")
+    written = Checkpoint.open(merge_to_disk(recipe, tmp_path / "merged"))
+    for tier in ("resident", "host", "disk"):
+        live = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
+        InPlaceMerger(model=live, template=recipe, tier=tier).materialize(recipe)
+        params = dict(live.named_parameters())
+        for name in written.names:
+            assert torch.equal(params[name], written.load(name)), (tier, name)
+
+
+def test_the_disk_tier_keeps_nothing_and_frees_what_it_read(toy_world):
+    """Over 100 candidates the disk tier holds no source tensor between candidates, and the tensors alive
+    in the process stay the same: each candidate's inputs are freed once merged."""
+    recipe = recipe_for(
+        {"base": str(toy_world.base), **{k: str(v) for k, v in toy_world.experts.items()}}, "ties", "float32"
+    )
+    live = AutoModelForCausalLM.from_pretrained(toy_world.base, dtype=torch.float32)
+    merger = InPlaceMerger(model=live, template=recipe, tier="disk")
+    assert merger._resident == {}
+
+    def tensors_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    merger.materialize(recipe)
+    before = tensors_alive()
+    for _ in range(100):
+        merger.materialize(recipe)
+    assert tensors_alive() == before
+
+
+def test_a_worker_plans_its_tier_from_the_free_memory(toy_world, monkeypatch):
+    recipe = recipe_for(
+        {"base": str(toy_world.base), **{k: str(v) for k, v in toy_world.experts.items()}}, "ties", "float32"
+    )
+    entries = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(toy_world.base).state_dict().values())
+    model = entries * 4
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 10)
+    plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert (plan.tier, plan.precompute) == ("resident", True)  # 4 copies + 2 x 8 bytes per entry = 8 copies
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 5)
+    plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert (plan.tier, plan.precompute) == ("resident", False)
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 2)
+    plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert plan.tier == "disk" and "memory tier disk without precompute on cpu" in plan.describe(torch.device("cpu"))
