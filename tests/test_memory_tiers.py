@@ -130,4 +130,4 @@ def test_a_worker_plans_its_tier_from_the_free_memory(toy_world, monkeypatch):
     assert (plan.tier, plan.precompute) == ("resident", False)
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 2)
     plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=0)
-    assert plan.tier == "disk" and "memory tier disk without precompute on cpu" in plan.describe(torch.device("cpu"))
+    assert plan.tier == "disk" and "memory tier disk on cpu: model" in plan.describe(torch.device("cpu"))

@@ -84,8 +84,9 @@ class MemoryPlan:
     def describe(self, device: torch.device) -> str:
         parts = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.device_parts.items())
         host = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.host_parts.items())
+        kept = " with the method's precompute" if self.precompute else ""
         return (
-            f"memory tier {self.tier}{' with' if self.precompute else ' without'} precompute on {device}: "
+            f"memory tier {self.tier}{kept} on {device}: "
             f"{parts}{f'; in host memory: {host}' if host else ''}; headroom for KV cache and activations "
             f"{self.headroom / 2**30:.2f} GiB of {self.device_free / 2**30:.2f} GiB free"
         )
