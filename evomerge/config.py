@@ -104,6 +104,7 @@ class ExecutorConfig:
     kind: ExecutorKind = ExecutorKind.serial
     threads: int | None = None  # torch threads per worker; null: torch's default
     tier: str = "auto"  # where a worker keeps the sources: auto, resident, host or disk (materialize/in_place.py)
+    gpus_per_worker: int = 1  # GPUs one worker's model spans, placed by executor/placement.py
     reserve_bytes: int | None = None  # device memory kept for the KV cache and activations; null: derived
     # The Ray pool's knobs (conf/executor/ray.yaml says what each does):
     num_workers: int | None = None
@@ -217,6 +218,8 @@ def _check_executor(cfg: DictConfig, bad) -> None:
     executor = cfg.executor
     if executor.tier not in ("auto", "resident", "host", "disk"):
         raise bad("executor.tier", executor.tier, "auto, resident, host or disk")
+    if executor.gpus_per_worker < 1:
+        raise bad("executor.gpus_per_worker", executor.gpus_per_worker, "1 or more")
     if executor.reserve_bytes is not None and executor.reserve_bytes < 0:
         raise bad("executor.reserve_bytes", executor.reserve_bytes, "a number of bytes >= 0, or null")
     if executor.threads is not None and executor.threads < 1:

@@ -131,3 +131,17 @@ def test_a_worker_plans_its_tier_from_the_free_memory(toy_world, monkeypatch):
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 2)
     plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=0)
     assert plan.tier == "disk" and "memory tier disk on cpu: model" in plan.describe(torch.device("cpu"))
+
+
+def test_a_gpu_refusal_names_the_gpus_per_worker_that_would_fit(toy_world, monkeypatch):
+    recipe = recipe_for(
+        {"base": str(toy_world.base), **{k: str(v) for k, v in toy_world.experts.items()}}, "ties", "float32"
+    )
+    entries = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(toy_world.base).state_dict().values())
+    # Resident with TIES' precompute: 4 copies of the model and 2 x 8 bytes per entry, 8 copies = 32 bytes an
+    # entry; a GPU with 3 bytes an entry free fits no tier (the disk tier's model alone takes 4), and 11 such
+    # GPUs hold 33 >= 32.
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: entries * 3)
+    monkeypatch.setattr("evomerge.executor.memory.precompute_bytes", lambda *a, **k: entries * 16)
+    with pytest.raises(SourcesDoNotFit, match="executor.gpus_per_worker=11 would hold it resident on 11 such GPUs"):
+        plan_memory(recipe, device=torch.device("cuda"), dtype="float32", reserve=0)

@@ -5,6 +5,7 @@ with the numbers, instead of minutes later with an out-of-memory kill that reads
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -173,8 +174,10 @@ def plan_memory(
     dtype: str,
     reserve: int,
     tier: str = "auto",
+    devices: Sequence[str] | None = None,
 ) -> MemoryPlan:
-    """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced)."""
+    """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced). A
+    model placed across ``devices`` counts their free memory together: the placement balances bytes."""
     if tier not in ("auto", *TIERS):
         raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
     resident, copies = resident_bytes(template, dtype)
@@ -194,4 +197,20 @@ def plan_memory(
             device_is_host=device.type == "cpu",
         )
     host = psutil.virtual_memory().available
-    return choose_tier(options, device_free=free_bytes(device), host_free=host, forced=tier, device=str(device))
+    spanned = sorted({torch.device(d) for d in devices or [device]}, key=str)
+    free = sum(free_bytes(d) for d in spanned)
+    where = str(device) if len(spanned) == 1 else "+".join(map(str, spanned))
+    try:
+        return choose_tier(options, device_free=free, host_free=host, forced=tier, device=where)
+    except SourcesDoNotFit as refusal:
+        if device.type != "cuda" or not free:
+            raise
+        # GPUs like these that would hold the fastest tier, the model placed across them (placement.py).
+        fastest = sum(options[0][2].values())
+        count = math.ceil(fastest * len(spanned) / free)
+        raise SourcesDoNotFit(
+            refusal.problem,
+            f"executor.gpus_per_worker={count} would hold it {options[0][0]} on {count} such GPUs; or "
+            + refusal.fix[0].lower()
+            + refusal.fix[1:],
+        ) from None

@@ -114,15 +114,16 @@ class RayExecutor:
         self.max_tries = max_tries
         self.timeout_s = timeout_s
         on_gpu = torch.device(spec.device).type == "cuda"
-        count = num_workers or _slots(on_gpu=on_gpu, threads=threads)
-        _check_room(count, on_gpu=on_gpu, threads=threads)
+        gpus = spec.gpus_per_worker if on_gpu else 0
+        count = num_workers or _slots(on_gpu=on_gpu, threads=threads, gpus=gpus)
+        _check_room(count, on_gpu=on_gpu, threads=threads, gpus=gpus)
         actor_class = ray.remote(WorkerActor).options(
             num_cpus=threads,
-            num_gpus=1 if on_gpu else 0,
+            num_gpus=gpus,
             max_restarts=-1,  # deaths are counted per candidate (max_tries), not per actor
             max_task_retries=0,  # a candidate that killed its worker is re-run by us, and counted
         )
-        # Ray sets CUDA_VISIBLE_DEVICES per actor: its one GPU is "cuda" (cuda:0) inside it.
+        # Ray sets CUDA_VISIBLE_DEVICES per actor: its GPUs are cuda:0 .. cuda:N-1 inside it.
         actor_spec = replace(spec, device="cuda") if on_gpu else spec
         self.actors = [actor_class.remote(spec=actor_spec, threads=threads) for _ in range(count)]
         self.pids: dict[ray.actor.ActorHandle, int] = {}
@@ -272,22 +273,23 @@ def _connect(address: str | None) -> bool:
     return False
 
 
-def _slots(*, on_gpu: bool, threads: int) -> int:
-    """One worker per GPU, or one per ``threads`` CPUs, that the cluster has free now (what others
+def _slots(*, on_gpu: bool, threads: int, gpus: int) -> int:
+    """One worker per ``gpus`` GPUs, or per ``threads`` CPUs, that the cluster has free now (what others
     hold would leave workers waiting for a place, and the pool with them)."""
     resources = ray.available_resources()
-    count = int(resources.get("GPU", 0)) if on_gpu else int(resources.get("CPU", 0)) // threads
+    count = int(resources.get("GPU", 0)) // gpus if on_gpu else int(resources.get("CPU", 0)) // threads
     return max(count, 1)
 
 
-def _check_room(count: int, *, on_gpu: bool, threads: int) -> None:
+def _check_room(count: int, *, on_gpu: bool, threads: int, gpus: int) -> None:
     """A pool larger than the cluster would wait forever for actors that cannot be placed."""
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-    if on_gpu and gpus < count:
+    have, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if on_gpu and have < count * gpus:
         raise EvomergeError(
-            f"the pool needs {count} GPU(s) (one per worker) but the Ray cluster has {gpus}",
-            "lower executor.num_workers, add GPU nodes, or use device=cpu",
+            f"the pool needs {count * gpus} GPU(s) ({count} workers x executor.gpus_per_worker={gpus}) but the "
+            f"Ray cluster has {have}",
+            "lower executor.num_workers or executor.gpus_per_worker, add GPU nodes, or use device=cpu",
         )
     if cpus < count * threads:
         raise EvomergeError(

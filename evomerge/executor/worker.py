@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.dtypes import torch_dtype
+from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.executor.memory import default_reserve, plan_memory
+from evomerge.executor.placement import device_map
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import DataFlowRouter
@@ -37,6 +39,7 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str = "float32"
     tier: str = "auto"  # where the sources are kept: auto (the fastest that fits), resident, host or disk
+    gpus_per_worker: int = 1  # devices one worker's model spans (executor/placement.py)
     reserve_bytes: int | None = None  # headroom for the KV cache and activations; None: default_reserve
 
 
@@ -70,6 +73,14 @@ def _described(error: Exception, *, frames: int = 3) -> str:
     return "\n".join([detail, *(f"  at {f.filename}:{f.lineno} in {f.name}" for f in stack)])
 
 
+def _devices(device: torch.device, count: int) -> list[str]:
+    """The devices one worker spans: cuda:0 .. cuda:N-1 (its GPUs, as Ray numbers them inside an actor), or
+    the same CPU N times, where the placement code path runs without moving anything."""
+    if count < 1:
+        raise EvomergeError(f"executor.gpus_per_worker={count}", "use 1 or more")
+    return [f"cuda:{i}" for i in range(count)] if device.type == "cuda" else [str(device)] * count
+
+
 def _reserve(spec: WorkerSpec) -> int:
     """``spec.reserve_bytes``, or the default for scoring ``spec.tasks`` on the model the worker loads."""
     if spec.reserve_bytes is not None:
@@ -96,7 +107,16 @@ class Worker:
 
         template = spec.template
         device = resolve_device(spec.device)
-        self.memory = plan_memory(template, device=device, dtype=spec.dtype, reserve=_reserve(spec), tier=spec.tier)
+        devices = _devices(device, spec.gpus_per_worker)
+        if len(devices) > 1 and isinstance(template, DataFlowRecipe):
+            raise EvomergeError(
+                f"executor.gpus_per_worker={spec.gpus_per_worker} places a parameter-space worker's model; a "
+                "data-flow worker runs its sources' own layers on one device",
+                "use executor.gpus_per_worker=1 with genome=dfs or ps_dfs",
+            )
+        self.memory = plan_memory(
+            template, device=device, devices=devices, dtype=spec.dtype, reserve=_reserve(spec), tier=spec.tier
+        )
         print(f"evomerge: {self.memory.describe(device)}", flush=True)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
@@ -104,7 +124,12 @@ class Worker:
         else:
             reference = template.base if template.base is not None else template.models[0].model
             folder = resolve_model(reference).path  # a hub ID's cached snapshot
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(spec.dtype)).to(device).eval()
+            dtype = torch_dtype(spec.dtype)
+            if len(devices) > 1:
+                placed = device_map(Checkpoint.open(folder), devices, itemsize=dtype.itemsize)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=placed).eval()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
             self.merger = InPlaceMerger(
                 model=model, template=template, tier=self.memory.tier, precompute=self.memory.precompute
             )

@@ -67,11 +67,13 @@ class InPlaceMerger:
         self.tier, self._precompute = tier, precompute and tier == "resident"
         self._sources, self._method = sources, method
         if tier != "disk":
-            kept = self.device if tier == "resident" else torch.device("cpu")
-            pin = tier == "host" and self.device.type == "cuda"
             with torch.no_grad():
-                for name in self._targets:
+                for name, target in self._targets.items():
+                    # Each tensor merges on the device that holds its parameter (a model placed across
+                    # several GPUs: executor.gpus_per_worker), so its resident inputs live there too.
+                    kept = target.device if tier == "resident" else torch.device("cpu")
                     base, stacked = sources.inputs(method, name, device=kept, dtype=self.dtype)
+                    pin = tier == "host" and target.device.type == "cuda"
                     self._resident[name] = (_pinned(base), _pinned(stacked)) if pin else (base, stacked)
 
     def materialize(self, recipe: Recipe) -> None:
@@ -80,7 +82,7 @@ class InPlaceMerger:
         with torch.no_grad():
             for name, (base, stacked) in self._inputs():
                 target = self._targets[name]
-                kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=self.device)
+                kwargs = method_kwargs(recipe, method, name, num_layers=self.num_layers, device=target.device)
                 if method.precompute is not None and self._precompute:
                     known = self._precomputed_for(method, recipe)
                     if name not in known:
@@ -95,16 +97,16 @@ class InPlaceMerger:
                     target.copy_(method.merge(base, stacked, **kwargs))
 
     def _inputs(self) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
-        """Each tensor's ``(base, stacked)`` on the model's device, from the tier that keeps them."""
+        """Each tensor's ``(base, stacked)`` on its parameter's device, from the tier that keeps them."""
         if self.tier == "resident":
             yield from self._resident.items()
         elif self.tier == "disk":
-            for name in self._targets:
-                yield name, self._sources.inputs(self._method, name, device=self.device, dtype=self.dtype)
-        elif self.device.type != "cuda":
+            for name, target in self._targets.items():
+                yield name, self._sources.inputs(self._method, name, device=target.device, dtype=self.dtype)
+        elif all(target.device.type != "cuda" for target in self._targets.values()):
             yield from self._resident.items()  # host memory is the device's memory: nothing to copy
         else:
-            yield from _streamed(self._resident, self.device)
+            yield from _streamed(self._resident, {name: target.device for name, target in self._targets.items()})
 
     def _precomputed_for(self, method: MergeMethod, recipe: Recipe) -> dict[str, object]:
         """The results of ``method.precompute`` kept for ``recipe``; a random method's are the draws of
@@ -130,26 +132,30 @@ def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _streamed(
-    kept: dict[str, tuple[torch.Tensor | None, torch.Tensor]], device: torch.device
+    kept: dict[str, tuple[torch.Tensor | None, torch.Tensor]], devices: dict[str, torch.device]
 ) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
-    """Host tensors copied to ``device`` one tensor ahead of the merge: tensor k+1 is copied on a side
-    stream while tensor k merges on the current one, and each copy is freed once its merge has run."""
-    side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    """Host tensors copied to their GPU one tensor ahead of the merge: tensor k+1 is copied on a side
+    stream of its device while tensor k merges on the current one, and each copy is freed once its merge
+    has run."""
+    sides: dict[torch.device, torch.cuda.Stream] = {}
 
-    def copy(pair: tuple[torch.Tensor | None, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def copy(name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        device = devices[name]
+        side = sides.setdefault(device, torch.cuda.Stream(device))
         with torch.cuda.stream(side):
-            side.wait_stream(current)  # the buffers the allocator reuses are free of the last merge
-            return tuple(None if t is None else t.to(device, non_blocking=True) for t in pair)
+            side.wait_stream(torch.cuda.current_stream(device))  # reused buffers are free of earlier merges
+            return tuple(None if t is None else t.to(device, non_blocking=True) for t in kept[name])
 
     names = list(kept)
-    ahead = copy(kept[names[0]]) if names else None
+    ahead = copy(names[0]) if names else None
     for index, name in enumerate(names):
-        current.wait_stream(side)
+        current = torch.cuda.current_stream(devices[name])
+        current.wait_stream(sides[devices[name]])
         pair = ahead
         for tensor in pair:
             if tensor is not None:
                 tensor.record_stream(current)  # freed after the merge that reads it, not after the copy
-        ahead = copy(kept[names[index + 1]]) if index + 1 < len(names) else None
+        ahead = copy(names[index + 1]) if index + 1 < len(names) else None
         yield name, pair
 
 

@@ -177,6 +177,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             device=cfg.device,
             dtype=str(cfg.dtype),
             tier=cfg.executor.tier,
+            gpus_per_worker=cfg.executor.gpus_per_worker,
             reserve_bytes=cfg.executor.reserve_bytes,
         )
         executor = build_executor(cfg.executor, spec)
