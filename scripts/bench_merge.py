@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import math
 import os
 import platform
@@ -37,7 +38,7 @@ from evomerge.dtypes import torch_dtype
 from evomerge.io.atomic import atomic_write_text
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.writer import ShardedWriter
-from evomerge.materialize.in_place import InPlaceMerger
+from evomerge.materialize.in_place import TIERS, InPlaceMerger
 from evomerge.materialize.to_disk import InputReader, merge_to_disk
 from evomerge.methods import get_method
 from evomerge.recipe.mergekit import to_mergekit
@@ -172,6 +173,18 @@ def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype) -> tup
     return (lambda: merger.materialize(recipe)), {"b_first": first, "kept": kept, "peak_device": peak}
 
 
+def tier_seconds(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Seconds per candidate in each memory tier (materialize/in_place.py): the median of ``repeats`` calls
+    after a warm-up. Resident keeps the method's precompute, as a worker does where it fits."""
+    seconds = {}
+    for tier in TIERS:
+        model = LlamaForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
+        candidate = functools.partial(InPlaceMerger(model=model, template=recipe, tier=tier).materialize, recipe)
+        candidate()
+        seconds[tier] = statistics.median(timings(candidate, repeats=repeats, device=device))
+    return seconds
+
+
 def floor_and_in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
     """(a) and (b) in alternation, one call of each per round, so that both meet the same machine (on a
     shared one, other work comes and goes in bursts): each figure is the median over the rounds, b/a the
@@ -273,6 +286,7 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
     (runs / "recipe.yaml").write_text(recipe.to_yaml())
     (runs / "mergekit.yml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
     row = floor_and_in_place(recipe, device=device, dtype=dtype, rounds=args.repeats)
+    row["tiers"] = tier_seconds(recipe, device=device, dtype=dtype, repeats=3)
     commands = {
         "c": [*tools["evomerge"], "merge", str(runs / "recipe.yaml"), str(runs / "evomerge"), *tools["evomerge_flags"]]
     }
@@ -363,6 +377,18 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
         "## What the ratios say (reported, not targets)",
         "",
         *verdicts,
+        "",
+    ]
+    lines += [
+        "## Seconds per candidate in each memory tier",
+        "",
+        "`InPlaceMerger(tier=...).materialize`, the median of 3 calls after a warm-up: sources resident on the "
+        "device (with the method's precompute), in host memory (pinned and streamed a tensor ahead on a GPU; on a "
+        "CPU the same memory, so no copy), or read from the page cache per candidate.",
+        "",
+        "| method | " + " | ".join(TIERS) + " |",
+        "| --- " * (len(TIERS) + 1) + "|",
+        *[f"| {m} | " + " | ".join(f"{r['tiers'][t] * 1e3:.0f} ms" for t in TIERS) + " |" for m, r in rows.items()],
         "",
         "## Where (c)'s time goes after start-up",
         "",
