@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: everything evomerge has to prove on a CUDA GPU, in one command of at most 8 minutes (its steps' limits sum to 440 s), on a
+# The GPU check: everything evomerge has to prove on a CUDA GPU, in one command of at most 8 minutes (its steps' limits sum to 470 s), on a
 # bare machine without network (Python 3.12, torch, transformers, safetensors, accelerate and triton
 # preinstalled; nothing else of ours).
 #
@@ -14,8 +14,11 @@
 # is marked 124 in OUT/steps.md and the check goes on):
 #   install   the wheel folder (--no-index); evomerge itself runs from the checkout (PYTHONPATH)
 #   tests     the CUDA tests: every method on CUDA against the CPU, and in place against to disk on models
-#             large enough for the compiled (Triton) kernels, in float32 and bfloat16; DFS and optimizers
-#   bench     scripts/bench_merge.py --device cuda --dtype bfloat16 (no mergekit there: no (d) column)
+#             large enough for the compiled (Triton) kernels, in float32 and bfloat16 (and so the float32
+#             eager fallback); each memory tier (resident, host streamed from pinned memory, disk) against
+#             to disk; DFS and optimizers
+#   bench     scripts/bench_merge.py --device cuda --dtype bfloat16 (no mergekit there: no (d) column), with
+#             its seconds per candidate in each memory tier
 #   memory    scripts/bench_memory.py on the device over 300 candidates (TIES, DARE-TIES)
 #   search    a short toy search on the device with the serial executor, then its export, reloaded
 # The tables land in OUT/results/ as *_cuda.md, and scripts/gpu_report.py gathers every step's figures into
@@ -67,9 +70,9 @@ step install 40 bash -c "'$PY' -m pip install --no-index --find-links .whl/gpu -
     && '$PY' -m pip install --no-index --find-links .whl/gpu --no-deps -r .whl/gpu/requirements-nodeps.txt \
     && '$PY' -m pip list"
 
-step tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
     tests/test_device_merge.py "tests/test_methods.py::test_runs_on_cuda_like_on_cpu" \
-    tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py
+    tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py tests/test_memory_tiers.py
 
 step bench 90 "$PY" scripts/bench_merge.py --device "$DEVICE" --dtype bfloat16 --repeats 5 --runs 1 \
     --work /tmp/evomerge-bench --out "$OUT/results/bench_merge_$DEVICE.md"

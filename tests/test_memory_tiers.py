@@ -17,7 +17,7 @@ from evomerge.executor.memory import SourcesDoNotFit, choose_tier, default_reser
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import merge_to_disk
-from tests.test_device_merge import models, recipe_for  # noqa: F401  (models is a fixture)
+from tests.test_device_merge import CASES, models, recipe_for  # noqa: F401  (models is a fixture)
 
 # model 100, sources 300 (three copies), precompute 200, one tensor's inputs 30, reserve 50 (bytes).
 GPU = tier_options(model=100, sources=300, precompute=200, stream=30, reserve=50, device_is_host=False)
@@ -81,18 +81,20 @@ def test_the_default_reserve_counts_kv_cache_logits_and_activations():
     )
 
 
+@pytest.mark.parametrize(("device", "dtype"), CASES)
 @pytest.mark.parametrize("method", ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "della"])
-def test_every_tier_merges_what_the_resident_tier_does(models, tmp_path, method):  # noqa: F811
+def test_every_tier_merges_what_the_resident_tier_does(models, tmp_path, method, device, dtype):  # noqa: F811
     """On models whose tensors are large enough for the compiled kernels, each tier's merge equals the
-    merge to disk bit for bit; the resident one also runs the method's precompute, the others its eager path."""
-    recipe = recipe_for(models, method, "float32")
-    written = Checkpoint.open(merge_to_disk(recipe, tmp_path / "merged"))
+    merge to disk bit for bit; the resident one also runs the method's precompute, the others its eager path.
+    On a GPU (scripts/gpu_check.sh runs this file) the host tier streams from pinned memory on a side stream."""
+    recipe = recipe_for(models, method, dtype)
+    written = Checkpoint.open(merge_to_disk(recipe, tmp_path / "merged", device=device))
     for tier in ("resident", "host", "disk"):
-        live = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
+        live = AutoModelForCausalLM.from_pretrained(models["base"], dtype=getattr(torch, dtype)).to(device)
         InPlaceMerger(model=live, template=recipe, tier=tier).materialize(recipe)
         params = dict(live.named_parameters())
         for name in written.names:
-            assert torch.equal(params[name], written.load(name)), (tier, name)
+            assert torch.equal(params[name].cpu(), written.load(name)), (tier, name)
 
 
 def test_the_disk_tier_keeps_nothing_and_frees_what_it_read(toy_world):
