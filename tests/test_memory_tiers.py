@@ -147,3 +147,19 @@ def test_a_gpu_refusal_names_the_gpus_per_worker_that_would_fit(toy_world, monke
     monkeypatch.setattr("evomerge.executor.memory.precompute_bytes", lambda *a, **k: entries * 16)
     with pytest.raises(SourcesDoNotFit, match="executor.gpus_per_worker=11 would hold it resident on 11 such GPUs"):
         plan_memory(recipe, device=torch.device("cuda"), dtype="float32", reserve=0)
+
+
+def test_a_default_reserve_that_fits_no_tier_gives_way_and_the_plan_says_so(toy_world, monkeypatch):
+    """The default reserve is a worst case (full-length batches): where no tier fits with it, the fastest
+    tier that fits without it runs, and the log says the headroom is short. A reserve the user set holds."""
+    recipe = recipe_for(
+        {"base": str(toy_world.base), **{k: str(v) for k, v in toy_world.experts.items()}}, "ties", "float32"
+    )
+    entries = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(toy_world.base).state_dict().values())
+    model = entries * 4
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: model * 5)
+    plan = plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=model * 10, reserve_required=False)
+    assert (plan.tier, plan.precompute, plan.short) == ("resident", False, True)  # 4 copies of 5 free
+    assert plan.headroom == model and "below the reserve" in plan.describe(torch.device("cpu"))
+    with pytest.raises(SourcesDoNotFit, match="fits no memory tier"):
+        plan_memory(recipe, device=torch.device("cpu"), dtype="float32", reserve=model * 10)

@@ -77,6 +77,11 @@ class MemoryPlan:
     host_free: int
 
     @property
+    def short(self) -> bool:
+        """Whether the headroom is below the reserve (a default reserve that did not fit)."""
+        return self.headroom < self.device_parts.get("reserve", 0)
+
+    @property
     def headroom(self) -> int:
         """What the device keeps free for the KV cache and activations: its free memory less everything but
         the reserve, which is the headroom's floor."""
@@ -90,6 +95,12 @@ class MemoryPlan:
             f"memory tier {self.tier}{kept} on {device}: "
             f"{parts}{f'; in host memory: {host}' if host else ''}; headroom for KV cache and activations "
             f"{self.headroom / 2**30:.2f} GiB of {self.device_free / 2**30:.2f} GiB free"
+            + (
+                "; below the reserve: long batches may run out of memory (lower tasks.batch_size, set "
+                "tasks.model_args.max_length to the tasks' length, or set executor.reserve_bytes)"
+                if self.short
+                else ""
+            )
         )
 
 
@@ -175,9 +186,13 @@ def plan_memory(
     reserve: int,
     tier: str = "auto",
     devices: Sequence[str] | None = None,
+    reserve_required: bool = True,
 ) -> MemoryPlan:
     """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced). A
-    model placed across ``devices`` counts their free memory together: the placement balances bytes."""
+    model placed across ``devices`` counts their free memory together: the placement balances bytes.
+
+    ``reserve_required`` false (the default reserve, a worst case of full-length batches): where no tier
+    fits with it, the fastest that fits without it is used and the plan says the headroom is short."""
     if tier not in ("auto", *TIERS):
         raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
     resident, copies = resident_bytes(template, dtype)
@@ -203,6 +218,13 @@ def plan_memory(
     try:
         return choose_tier(options, device_free=free, host_free=host, forced=tier, device=where)
     except SourcesDoNotFit as refusal:
+        if not reserve_required:
+            relaxed = [(t, pre, {**dev, "reserve": 0}, hst) for t, pre, dev, hst in options]
+            try:
+                plan = choose_tier(relaxed, device_free=free, host_free=host, forced=tier, device=where)
+                return MemoryPlan(**{**vars(plan), "device_parts": {**plan.device_parts, "reserve": reserve}})
+            except SourcesDoNotFit:
+                pass
         if device.type != "cuda" or not free:
             raise
         # GPUs like these that would hold the fastest tier, the model placed across them (placement.py).

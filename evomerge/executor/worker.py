@@ -115,7 +115,13 @@ class Worker:
                 "use executor.gpus_per_worker=1 with genome=dfs or ps_dfs",
             )
         self.memory = plan_memory(
-            template, device=device, devices=devices, dtype=spec.dtype, reserve=_reserve(spec), tier=spec.tier
+            template,
+            device=device,
+            devices=devices,
+            dtype=spec.dtype,
+            reserve=_reserve(spec),
+            tier=spec.tier,
+            reserve_required=spec.reserve_bytes is not None,
         )
         print(f"evomerge: {self.memory.describe(device)}", flush=True)
         if isinstance(template, DataFlowRecipe):
