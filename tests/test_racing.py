@@ -1,0 +1,119 @@
+"""Paired racing (evomerge/search/racing.py): the stopping rule worked by hand, a race through the real
+search loop, and a run killed mid-race that resumes to the identical log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge.executor.worker import Outcome
+from evomerge.optimizer.cmaes import CMAESOptimizer
+from evomerge.search.loop import Budget, run_search
+from evomerge.search.racing import Race, half_width, round_count, still_running
+from evomerge.search.run_folder import RunFolder
+from tests.test_search_loop import OBJECTIVES, fitness, genome
+
+A = [1.0] * 20  # right on every item
+B = [1.0, 0.0] * 10  # right on every other item
+C = [0.0] * 10 + [1.0] * 10  # wrong on the first 10, right on the last 10
+
+
+def test_a_candidate_surely_beaten_in_round_one_is_dropped():
+    """Worked by hand. 3 candidates, 20 items, rounds of 10 then 20 (R = 2), delta = 0.1, CMA's mu = 1.
+    Union bound: 3 pairs x 2 rounds, delta' = 0.1 / 6, ln(2 / delta') = ln(120) = 4.787.
+    After round 1 (n = 10): half width sqrt(2 x 4.787 / 10) = 0.9785.
+    A - C: mean 1.0, lower end 0.0215 > 0: A surely beats C. A - B and B - C: mean 0.5, within 0.9785: open.
+    C surely loses to 1 >= mu candidates, so it is not a parent, and it cannot be the best: dropped.
+    A surely beats 1 < K - mu = 2 candidates and loses to none: running, as is B."""
+    assert round_count(20, 10) == 2
+    assert half_width(10, 0.1 / 6) == pytest.approx(0.9785, abs=1e-4)
+    values = [A[:10], B[:10], C[:10]]
+    assert still_running(values, total=20, selected=1, delta=0.1, rounds=2) == [True, True, False]
+    # With mu = 2, C still surely loses to A (1 < mu) but its parenthood is open: it runs on.
+    assert still_running(values, total=20, selected=2, delta=0.1, rounds=2) == [True, True, True]
+
+
+class TableScorer:
+    """Per-item values from a table, one row per candidate (candidates are the row numbers)."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        self.table = table
+        self.scored: list[tuple[int, int, int]] = []  # (candidate, start, stop)
+
+    def __call__(self, recipes, subset):
+        for position, candidate in enumerate(recipes):
+            self.scored.append((candidate, subset.start, subset.stop))
+            values = self.table[candidate][subset.start : subset.stop]
+            yield (
+                position,
+                Outcome(
+                    metrics=None, error=None, seconds=0.0, item_values=values, items_total=len(self.table[candidate])
+                ),
+            )
+
+
+def test_the_race_stops_the_beaten_candidate_and_tells_its_estimate():
+    scorer = TableScorer([A, B, C])
+    race = Race(score_items=scorer, metric="toy/acc", first_round=10, delta=0.1, selected=1)
+    outcomes = dict(race([0, 1, 2]))
+    assert scorer.scored == [(0, 0, 10), (1, 0, 10), (2, 0, 10), (0, 10, 30), (1, 10, 30)]
+    assert [outcomes[i].metrics["toy/acc"] for i in range(3)] == [1.0, 0.5, 0.0]  # C: its 10 items, not 0.5
+    assert [len(outcomes[i].item_values) for i in range(3)] == [20, 20, 10]
+
+
+ITEMS = 512
+THRESHOLDS = np.random.default_rng(0).random(ITEMS)  # item k is right iff THRESHOLDS[k] < the candidate's p
+
+
+class ItemScorer:
+    """Per-item correctness for the known fitness: p = 1 + fitness (at most 1, at the peak)."""
+
+    def __init__(self, *, crash_after: int | None = None) -> None:
+        self.calls = 0
+        self.crash_after = crash_after
+        self.items = 0
+
+    def __call__(self, recipes, subset):
+        for position, recipe in enumerate(recipes):
+            if self.crash_after is not None and self.calls >= self.crash_after:
+                raise KeyboardInterrupt("simulated kill")
+            self.calls += 1
+            p = 1 + fitness(recipe)
+            values = [float(t < p) for t in THRESHOLDS[subset.start : subset.stop]]
+            self.items += len(values)
+            yield position, Outcome(metrics=None, error=None, seconds=0.001, item_values=values, items_total=ITEMS)
+
+
+def raced_search(path, scorer, *, evaluations=48):
+    g = genome()
+    optimizer = CMAESOptimizer(space=g.space, n_objectives=1, seed=3, popsize=8)
+    race = Race(score_items=scorer, metric="toy/acc", first_round=16, delta=0.2, selected=optimizer.selected_count())
+    run = RunFolder(path)
+    run.lock()
+    try:
+        return run_search(
+            run=run,
+            genome=g,
+            optimizer=optimizer,
+            evaluate=race,
+            objectives=OBJECTIVES,
+            budget=Budget(evaluations=evaluations),
+        )
+    finally:
+        run.close()
+
+
+def test_a_run_killed_mid_race_resumes_to_the_identical_log(tmp_path):
+    straight = ItemScorer()
+    state = raced_search(tmp_path / "straight", straight)
+    rows = RunFolder(tmp_path / "straight").read_evaluations()
+    assert len(rows) == 48
+    assert any(r["items"][0] < ITEMS for r in rows)  # the race stopped some candidates early
+    assert straight.items < 48 * ITEMS
+    assert state.best is not None and rows[state.best.index]["items"] == [ITEMS, ITEMS]  # the best saw every item
+    with pytest.raises(KeyboardInterrupt):
+        raced_search(tmp_path / "crashed", ItemScorer(crash_after=straight.calls // 2))
+    crashed = RunFolder(tmp_path / "crashed")
+    assert 0 < len(crashed.read_evaluations()) < 48
+    raced_search(tmp_path / "crashed", ItemScorer())
+    assert crashed.read_evaluations() == rows  # every field, the items each candidate saw included
