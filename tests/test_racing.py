@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evomerge.errors import EvomergeError
 from evomerge.executor.worker import Outcome
 from evomerge.optimizer.cmaes import CMAESOptimizer
+from evomerge.optimizer.optuna_sampler import TPEOptimizer
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.racing import Race, half_width, round_count, still_running
 from evomerge.search.run_folder import RunFolder
@@ -55,7 +57,7 @@ class TableScorer:
 def test_the_race_stops_the_beaten_candidate_and_tells_its_estimate():
     scorer = TableScorer([A, B, C])
     race = Race(score_items=scorer, metric="toy/acc", first_round=10, delta=0.1, selected=1)
-    outcomes = dict(race([0, 1, 2]))
+    outcomes = dict(race([0, 1, 2], proposals=[]))  # proposals: read by a pruner only
     assert scorer.scored == [(0, 0, 10), (1, 0, 10), (2, 0, 10), (0, 10, 30), (1, 10, 30)]
     assert [outcomes[i].metrics["toy/acc"] for i in range(3)] == [1.0, 0.5, 0.0]  # C: its 10 items, not 0.5
     assert [len(outcomes[i].item_values) for i in range(3)] == [20, 20, 10]
@@ -84,10 +86,18 @@ class ItemScorer:
             yield position, Outcome(metrics=None, error=None, seconds=0.001, item_values=values, items_total=ITEMS)
 
 
-def raced_search(path, scorer, *, evaluations=48):
+def raced_search(path, scorer, *, evaluations=48, optimizer=None):
     g = genome()
-    optimizer = CMAESOptimizer(space=g.space, n_objectives=1, seed=3, popsize=8)
-    race = Race(score_items=scorer, metric="toy/acc", first_round=16, delta=0.2, selected=optimizer.selected_count())
+    optimizer = optimizer or CMAESOptimizer(space=g.space, n_objectives=1, seed=3, popsize=8)
+    should_prune = optimizer.should_prune if getattr(optimizer, "prunes", False) else None
+    race = Race(
+        score_items=scorer,
+        metric="toy/acc",
+        first_round=16,
+        delta=0.2,
+        selected=optimizer.selected_count(),
+        should_prune=should_prune,
+    )
     run = RunFolder(path)
     run.lock()
     try:
@@ -117,3 +127,27 @@ def test_a_run_killed_mid_race_resumes_to_the_identical_log(tmp_path):
     assert 0 < len(crashed.read_evaluations()) < 48
     raced_search(tmp_path / "crashed", ItemScorer())
     assert crashed.read_evaluations() == rows  # every field, the items each candidate saw included
+
+
+def test_optunas_successive_halving_prunes_between_rounds(tmp_path):
+    def tpe():
+        return TPEOptimizer(
+            space=genome().space, n_objectives=1, seed=0, batch_size=8, n_startup_trials=8, pruner="successive_halving"
+        )
+
+    scorer = ItemScorer()
+    raced_search(tmp_path / "run", scorer, optimizer=tpe())
+    rows = RunFolder(tmp_path / "run").read_evaluations()
+    stopped = [r for r in rows if r["items"][0] < ITEMS]
+    assert stopped  # pruned: told the estimate from the rounds it saw
+    assert scorer.items == sum(r["items"][0] for r in rows)
+    # The pruner's memory (every trial's intermediate values) survives a resume: a kill, then the same log.
+    with pytest.raises(KeyboardInterrupt):
+        raced_search(tmp_path / "crashed", ItemScorer(crash_after=scorer.calls // 2), optimizer=tpe())
+    raced_search(tmp_path / "crashed", ItemScorer(), optimizer=tpe())
+    assert RunFolder(tmp_path / "crashed").read_evaluations() == rows
+
+
+def test_optuna_refuses_a_pruner_for_several_objectives():
+    with pytest.raises(EvomergeError, match="multi-objective"):
+        TPEOptimizer(space=genome().space, n_objectives=2, seed=0, pruner="hyperband")

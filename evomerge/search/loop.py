@@ -31,6 +31,7 @@ from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
 from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
+from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import Best, SearchState
 
@@ -84,7 +85,7 @@ def run_search(
     run: RunFolder,
     genome: Genome,
     optimizer: Optimizer,
-    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]],
+    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]] | Race,
     objectives: list[dict],
     budget: Budget,
 ) -> SearchState:
@@ -106,7 +107,10 @@ def run_search(
             # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
             # at most the candidates still in flight.
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
-            for position, outcome in evaluate([recipes[i] for i in fresh]):
+            batch = [recipes[i] for i in fresh]
+            # A race also needs the proposals: optuna's pruner reports to their trials.
+            scored = evaluate(batch, [proposals[i] for i in fresh]) if isinstance(evaluate, Race) else evaluate(batch)
+            for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
                 _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
                 failures.saw(outcome)

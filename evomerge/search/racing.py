@@ -19,6 +19,10 @@ A candidate keeps being scored while either (a) whether it is among the optimize
 than mu; or (b) it can still be the generation's best: nobody surely beats it. So the generation's best is
 always scored on every item. The optimizer is told each candidate's mean over the items it saw.
 This is Maron & Moore's Hoeffding race (1994) with paired differences, as in F-Race (Birattari et al. 2002).
+
+With an optuna pruner (``optimizer.pruner``), the pruner decides instead: after each round every running
+candidate's estimate is reported as the trial's intermediate value at step = items seen, and the candidate
+stops when ``Trial.should_prune`` says so (``OptunaOptimizer.should_prune``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from itertools import combinations
 from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate
+from evomerge.optimizer.base import Proposal
 
 ScoreItems = Callable[[list[Candidate], ItemSubset], Iterator[tuple[int, Outcome]]]
+ShouldPrune = Callable[[Proposal, int, float], bool]  # (candidate, items seen, estimate) -> stop it
 
 
 def half_width(n: int, delta: float) -> float:
@@ -78,15 +84,23 @@ class Race:
     mid-race logs nothing of that generation and the resumed run races it again identically."""
 
     def __init__(
-        self, *, score_items: ScoreItems, metric: str, first_round: int, delta: float, selected: int | None
+        self,
+        *,
+        score_items: ScoreItems,
+        metric: str,
+        first_round: int,
+        delta: float,
+        selected: int | None,
+        should_prune: ShouldPrune | None = None,
     ) -> None:
         self.score_items = score_items
+        self.should_prune = should_prune
         self.metric = metric
         self.first_round = first_round
         self.delta = delta
         self.selected = selected
 
-    def __call__(self, recipes: list[Candidate]) -> Iterator[tuple[int, Outcome]]:
+    def __call__(self, recipes: list[Candidate], proposals: list[Proposal]) -> Iterator[tuple[int, Outcome]]:
         values: list[list[float]] = [[] for _ in recipes]
         seconds = [0.0] * len(recipes)
         failed: dict[int, Outcome] = {}
@@ -105,6 +119,14 @@ class Race:
             alive = [i for i in range(len(recipes)) if i not in failed]
             if total is None or start >= total:
                 break
+            if self.should_prune is not None:
+                running = [
+                    i
+                    for i in alive
+                    if len(values[i]) == start
+                    and not self.should_prune(proposals[i], start, sum(values[i]) / len(values[i]))
+                ]
+                continue
             decision = still_running(
                 [values[i] for i in alive],
                 total=total,

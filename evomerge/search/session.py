@@ -184,6 +184,12 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 first_round=cfg.racing.first_round,
                 delta=cfg.racing.delta,
                 selected=optimizer.selected_count(),
+                should_prune=optimizer.should_prune if getattr(optimizer, "prunes", False) else None,
+            )
+        elif getattr(optimizer, "prunes", False):
+            raise EvomergeError(
+                "optimizer.pruner prunes between racing's rounds of items, and racing is off",
+                "set racing.enabled=true, or optimizer.pruner=null",
             )
         search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": evaluate}
         search |= {"objectives": objectives, "budget": budget}
