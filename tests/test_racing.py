@@ -151,3 +151,61 @@ def test_optunas_successive_halving_prunes_between_rounds(tmp_path):
 def test_optuna_refuses_a_pruner_for_several_objectives():
     with pytest.raises(EvomergeError, match="multi-objective"):
         TPEOptimizer(space=genome().space, n_objectives=2, seed=0, pruner="hyperband")
+
+
+def toy_racing_config(world, run_dir, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from evomerge.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                f"run_dir={run_dir}",
+                f"models.base={world.base}",
+                f"models.experts=[{world.experts['math']},{world.experts['lang']}]",
+                f"tasks.include_path={world.tasks_dir}",
+                "tasks.names=[toy_math]",
+                "objectives=[{name: math, terms: {toy_math/acc: 1.0}}]",
+                "method.name=task_arithmetic",
+                "budget.evaluations=4",
+                "racing.enabled=true",
+                "racing.first_round=16",
+                *extra,
+            ],
+        )
+
+
+def test_a_raced_search_on_the_toy_world_reports_a_best_scored_on_every_item(toy_world, tmp_path):
+    """Through the real worker: lm-eval scores racing's rounds item by item, and the best's estimate over
+    every item in racing order is the task's accuracy as a full scoring reports it."""
+    from evomerge.executor.worker import Worker, WorkerSpec
+    from evomerge.recipe.recipe import Recipe
+    from evomerge.search.session import start, task_set
+
+    cfg = toy_racing_config(toy_world, tmp_path / "run", "optimizer.popsize=4")
+    state = start(cfg, tmp_path / "run")
+    rows = RunFolder(tmp_path / "run").read_evaluations()
+    total = sum(1 for _ in (toy_world.tasks_dir / "toy_math" / "test.jsonl").open())
+    assert all(row["items"][1] == total for row in rows)
+    assert rows[state.best.index]["items"] == [total, total]
+    best = Recipe.from_plain(state.best.recipe, where="best")
+    full = Worker(WorkerSpec(template=best, tasks=task_set(cfg))).evaluate(best)
+    assert state.best.metrics["toy_math/acc"] == pytest.approx(full.metrics["toy_math/acc"], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["objectives=[{name: a, terms: {toy_math/acc: 1.0}}, {name: b, terms: {toy_lang/acc: 1.0}}]"], "one"),
+        (["in_flight=4", "optimizer=tpe"], "in_flight=4"),
+        (["racing.enabled=false", "optimizer=tpe", "optimizer.pruner=hyperband"], "racing is off"),
+    ],
+)
+def test_racing_refuses_what_it_cannot_race(toy_world, tmp_path, extra, message):
+    from evomerge.search.session import start
+
+    with pytest.raises(EvomergeError, match=message):
+        start(toy_racing_config(toy_world, tmp_path / "run", *extra), tmp_path / "run")
