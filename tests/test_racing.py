@@ -209,3 +209,24 @@ def test_racing_refuses_what_it_cannot_race(toy_world, tmp_path, extra, message)
 
     with pytest.raises(EvomergeError, match=message):
         start(toy_racing_config(toy_world, tmp_path / "run", *extra), tmp_path / "run")
+
+
+def test_lm_eval_scores_items_by_racing_position(toy_world):
+    """The adapter over lm-eval's logged samples: a slice of racing order scores the same items as the
+    same slice of every item (lm-eval labels selected items by the order it was given them, so this fails
+    if the indices reach it unsorted), and every item together gives lm-eval's own accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
+
+    model = AutoModelForCausalLM.from_pretrained(toy_world.experts["math"])
+    tasks = TaskSet(names=("toy_math",), include_path=str(toy_world.tasks_dir))
+    scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(toy_world.base), tasks=tasks)
+    every, total = scorer.score_items(ItemSubset(metric="toy_math/acc", start=0, stop=10**6))
+    assert total == len(every) == sum(1 for _ in (toy_world.tasks_dir / "toy_math" / "test.jsonl").open())
+    assert set(every) == {0.0, 1.0}
+    assert sum(every) / total == pytest.approx(scorer.score()["toy_math/acc"], abs=1e-12)
+    window, _ = scorer.score_items(ItemSubset(metric="toy_math/acc", start=5, stop=35))
+    assert window == every[5:35]
+    with pytest.raises(EvomergeError, match="toy_math/acc"):
+        scorer.score_items(ItemSubset(metric="toy_math/no_such_metric", start=0, stop=4))

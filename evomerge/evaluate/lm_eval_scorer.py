@@ -137,7 +137,7 @@ class LMEvalScorer:
         task = self.loaded["tasks"].get(task_name)
         if task is None:
             raise EvomergeError(
-                f"racing.metric '{subset.metric}' names task '{task_name}', which is not a leaf task of this run",
+                f"the raced objective term '{subset.metric}' names task '{task_name}', not a leaf task of this run",
                 f"race a metric of one of: {', '.join(sorted(self.loaded['tasks']))}",
             )
         order = self._racing_order(task_name, task)
@@ -160,15 +160,23 @@ class LMEvalScorer:
                 fewshot_as_multiturn=tasks.fewshot_as_multiturn,
                 confirm_run_unsafe_code=tasks.confirm_run_unsafe_code,
             )
+        samples = results["samples"][task_name]
         by_doc = {
             sample["doc_id"]: sample[metric]
-            for sample in results["samples"][task_name]
+            for sample in samples
             if sample["filter"] == filter_name and metric in sample
         }
         if len(by_doc) != len(indices):
+            per_item = sorted(
+                {
+                    f"{task_name}/{name}" + ("" if sample["filter"] == "none" else f",{sample['filter']}")
+                    for sample in samples
+                    for name in sample["metrics"]
+                }
+            )
             raise EvomergeError(
-                f"racing.metric '{subset.metric}' has no per-item value in lm-eval's samples of '{task_name}'",
-                "race a metric lm-eval computes per item (acc, acc_norm, exact_match), with its filter after a comma",
+                f"the raced objective term '{subset.metric}' has no per-item value in lm-eval's samples",
+                f"race one of the metrics lm-eval computes per item: {', '.join(per_item)}",
             )
         return [float(by_doc[i]) for i in indices], len(order)
 
