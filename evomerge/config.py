@@ -94,6 +94,15 @@ class BudgetConfig:
     fail_fast: int | None = 3  # stop if the first N candidates scored all raise one error; null: never
 
 
+@dataclass
+class RacingConfig:
+    """Paired racing (evomerge/search/racing.py): score a generation on shared items in doubling rounds."""
+
+    enabled: bool = False
+    first_round: int = 16  # items in round 1; each later round doubles
+    delta: float = 0.05  # all the race's conclusions hold together with probability >= 1 - delta
+
+
 class ExecutorKind(str, Enum):
     serial = "serial"
     ray = "ray"
@@ -134,6 +143,7 @@ class SearchConfig:
     objectives: list[ObjectiveConfig] = MISSING
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     in_flight: int | None = None  # None: generations (loop.py); N: asynchronous, N candidates out (window.py)
+    racing: RacingConfig = field(default_factory=RacingConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
@@ -188,6 +198,19 @@ def check_config(cfg: DictConfig) -> None:
         raise bad("models.experts", "[]", "a list of at least one model folder")
     if cfg.tasks.limit is not None and cfg.tasks.limit < 1:
         raise bad("tasks.limit", cfg.tasks.limit, "a positive number of items per task, or null for all")
+    racing = cfg.racing
+    if racing.enabled:
+        if racing.first_round < 1:
+            raise bad("racing.first_round", racing.first_round, "a positive number of items")
+        if not 0 < racing.delta < 1:
+            raise bad("racing.delta", racing.delta, "a probability between 0 and 1, e.g. 0.05")
+        if len(cfg.objectives) != 1 or len(cfg.objectives[0].terms) != 1 or cfg.in_flight is not None:
+            raise EvomergeError(
+                "racing.enabled races one per-item metric of one task, over whole generations; this run has "
+                f"{len(cfg.objectives)} objective(s), {len(cfg.objectives[0].terms)} term(s), in_flight={cfg.in_flight}",
+                "use one objective with one 'task/metric' term (e.g. toy_combined/acc) and in_flight=null, or "
+                "racing.enabled=false",
+            )
     if cfg.in_flight is not None and cfg.in_flight < 1:
         raise bad("in_flight", cfg.in_flight, "a positive number of candidates in flight, or null for generations")
     batch_size = cfg.tasks.batch_size

@@ -126,6 +126,81 @@ class LMEvalScorer:
                 metrics[f"{task}/{name}"] = float(value)
         return metrics
 
+    def score_items(self, subset: ItemSubset) -> tuple[list[float], int]:
+        """Per-item values of one leaf task's metric on positions ``start:stop`` of its items in racing
+        order, and how many items that order holds (the ``limit`` subsample, or every item).
+
+        Racing order is one fixed shuffle (``sample_seed``), so every candidate and every generation sees
+        the same items in the same order, and any prefix is a uniform sample of the task.
+        """
+        task_name, metric, filter_name = _split_metric(subset.metric)
+        task = self.loaded["tasks"].get(task_name)
+        if task is None:
+            raise EvomergeError(
+                f"the raced objective term '{subset.metric}' names task '{task_name}', not a leaf task of this run",
+                f"race a metric of one of: {', '.join(sorted(self.loaded['tasks']))}",
+            )
+        order = self._racing_order(task_name, task)
+        indices = order[subset.start : subset.stop]
+        if not indices:
+            return [], len(order)  # lm-eval reads an empty selection as "every item"
+        tasks = self.tasks
+        with _quiet():
+            results = self._evaluate(
+                lm=self.lm,
+                task_dict={"tasks": {task_name: task}, "groups": {}},
+                # Sorted: lm-eval visits the selected items in dataset order and labels the k-th with the
+                # k-th index it was given (lm_eval 0.4 evaluator), so an unsorted list mislabels them.
+                samples={task_name: sorted(indices)},
+                bootstrap_iters=0,
+                log_samples=True,  # per-item results come only with the logged samples
+                verbosity="ERROR",
+                system_instruction=tasks.system_instruction,
+                apply_chat_template=tasks.apply_chat_template,
+                fewshot_as_multiturn=tasks.fewshot_as_multiturn,
+                confirm_run_unsafe_code=tasks.confirm_run_unsafe_code,
+            )
+        samples = results["samples"][task_name]
+        by_doc = {
+            sample["doc_id"]: sample[metric]
+            for sample in samples
+            if sample["filter"] == filter_name and metric in sample
+        }
+        if len(by_doc) != len(indices):
+            per_item = sorted(
+                {
+                    f"{task_name}/{name}" + ("" if sample["filter"] == "none" else f",{sample['filter']}")
+                    for sample in samples
+                    for name in sample["metrics"]
+                }
+            )
+            raise EvomergeError(
+                f"the raced objective term '{subset.metric}' has no per-item value in lm-eval's samples",
+                f"race one of the metrics lm-eval computes per item: {', '.join(per_item)}",
+            )
+        return [float(by_doc[i]) for i in indices], len(order)
+
+    def _racing_order(self, task_name: str, task) -> list[int]:
+        items = self.samples[task_name] if self.samples is not None else list(range(len(task.eval_docs)))
+        rng = np.random.default_rng([self.tasks.sample_seed, zlib.crc32(task_name.encode()), 1])
+        return [items[i] for i in rng.permutation(len(items))]
+
+
+@dataclass(frozen=True)
+class ItemSubset:
+    """Items ``start:stop`` of ``metric``'s task in racing order; ``metric`` as the objectives name it."""
+
+    metric: str
+    start: int
+    stop: int
+
+
+def _split_metric(name: str) -> tuple[str, str, str]:
+    """``task/metric[,filter]`` as (task, metric, filter), lm-eval's default filter being "none"."""
+    task, _, metric = name.rpartition("/")
+    metric, _, filter_name = metric.partition(",")
+    return task, metric, filter_name or "none"
+
 
 def _fewshot_for(num_fewshot: int | Mapping[str, int] | None, task: str, group_map: dict) -> int | None:
     """The few-shot count for ``task``: the one count, its own entry, or its group's entry (nearest first)."""

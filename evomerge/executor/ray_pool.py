@@ -31,6 +31,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.memory import SourcesDoNotFit
 from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
@@ -55,9 +56,9 @@ class WorkerActor:
     def ready(self) -> tuple[int, tuple[str, str] | None]:
         return os.getpid(), self.startup_error
 
-    def evaluate(self, recipe: Recipe) -> Outcome:
+    def evaluate(self, recipe: Recipe, subset: ItemSubset | None = None) -> Outcome:
         try:
-            return self.worker.evaluate(recipe)
+            return self.worker.evaluate(recipe, subset)
         except DeviceFailure as failure:
             # Out of memory or a CUDA error: end this process, as a kill would. Ray restarts the actor
             # and the pool runs the candidate again, counting a try.
@@ -140,7 +141,7 @@ class RayExecutor:
         """The process id of each live worker (to watch them, or kill one to test recovery)."""
         return [self.pids[actor] for actor in self.actors if actor in self.pids]
 
-    def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
+    def evaluate(self, recipes: list[Recipe], subset: ItemSubset | None = None) -> Iterator[tuple[int, Outcome]]:
         """Yield ``(position, outcome)`` as each candidate completes, every worker kept busy meanwhile.
 
         Candidates appended to ``recipes`` while this runs (before the generator is resumed) are scored
@@ -153,7 +154,7 @@ class RayExecutor:
             tries += [0] * (len(recipes) - len(tries))
             if not (queue or lines):
                 return
-            self._dispatch(queue, recipes, lines)
+            self._dispatch(queue, recipes, lines, subset)
             heads = {line[0].ref: actor for actor, line in lines.items()}
             ready, _ = ray.wait([*heads, *self._restarting], num_returns=1, timeout=self._wait_s(lines))
             if not ready:
@@ -180,7 +181,7 @@ class RayExecutor:
                     queue.appendleft(job.position)  # re-run first: the loop logs rows in proposal order
                     continue
                 outcome = Outcome(metrics=None, error=self._give_up(job), seconds=time.monotonic() - job.started)
-            self._dispatch(queue, recipes, lines)  # a freed actor works while the loop logs this row
+            self._dispatch(queue, recipes, lines, subset)  # a freed actor works while the loop logs this row
             yield job.position, outcome
 
     def close(self) -> None:
@@ -191,11 +192,15 @@ class RayExecutor:
             ray.shutdown()
 
     def _dispatch(
-        self, queue: deque[int], recipes: list[Recipe], lines: dict[ray.actor.ActorHandle, deque[_Job]]
+        self,
+        queue: deque[int],
+        recipes: list[Recipe],
+        lines: dict[ray.actor.ActorHandle, deque[_Job]],
+        subset: ItemSubset | None,
     ) -> None:
         while queue and self._idle:
             actor, position = self._idle.popleft(), queue.popleft()
-            lines[actor] = deque([_Job(actor.evaluate.remote(recipes[position]), position, time.monotonic())])
+            lines[actor] = deque([_Job(actor.evaluate.remote(recipes[position], subset), position, time.monotonic())])
         for actor, line in lines.items():
             # The last len(actors) candidates wait for actors that free up: an actor that drew slow
             # candidates then takes fewer of them, and the batch ends as balanced as without queueing.
@@ -203,7 +208,7 @@ class RayExecutor:
                 return
             if len(line) == 1 and not line[0].timed_out:
                 position = queue.popleft()
-                line.append(_Job(actor.evaluate.remote(recipes[position]), position, None))
+                line.append(_Job(actor.evaluate.remote(recipes[position], subset), position, None))
 
     def _collect(self, ref: ray.ObjectRef, job: _Job, actor: ray.actor.ActorHandle) -> Outcome | None:
         """The candidate's outcome, or None if its actor died (or was killed) first."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
 
@@ -19,12 +20,13 @@ class SerialExecutor:
             torch.set_num_threads(threads)
         self.worker = Worker(spec)
 
-    def evaluate(self, recipes: list[Recipe]) -> Iterator[tuple[int, Outcome]]:
+    def evaluate(self, recipes: list[Recipe], subset: ItemSubset | None = None) -> Iterator[tuple[int, Outcome]]:
         """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once.
-        Candidates appended to ``recipes`` meanwhile are scored too (a list iterator sees them)."""
+        Candidates appended to ``recipes`` meanwhile are scored too (a list iterator sees them).
+        ``subset``: score only those items of the raced metric (racing)."""
         for position, recipe in enumerate(recipes):
             try:
-                outcome = self.worker.evaluate(recipe)
+                outcome = self.worker.evaluate(recipe, subset)
             except DeviceFailure as failure:
                 raise EvomergeError(
                     f"the device failed while scoring a candidate ({failure}); after a CUDA error this process "

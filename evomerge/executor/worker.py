@@ -18,7 +18,7 @@ import torch
 
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
+from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
 from evomerge.executor.memory import default_reserve, plan_memory
 from evomerge.executor.placement import device_map
 from evomerge.io.checkpoint import Checkpoint
@@ -48,6 +48,9 @@ class Outcome:
     metrics: dict[str, float] | None
     error: str | None
     seconds: float
+    # Racing only: the raced metric's value on each item scored, in racing order, and how many items there are.
+    item_values: list[float] | None = None
+    items_total: int | None = None
 
 
 class DeviceFailure(Exception):
@@ -145,12 +148,21 @@ class Worker:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
 
-    def evaluate(self, recipe: Recipe | DataFlowRecipe) -> Outcome:
-        """Materialize and score one candidate; a failure of the candidate becomes an Outcome, one of the
-        device a ``DeviceFailure``."""
+    def evaluate(self, recipe: Recipe | DataFlowRecipe, subset: ItemSubset | None = None) -> Outcome:
+        """Materialize and score one candidate (on every metric, or on ``subset``'s items of the raced
+        metric); a failure of the candidate becomes an Outcome, one of the device a ``DeviceFailure``."""
         start = time.perf_counter()
         try:
             self.merger.materialize(recipe)
+            if subset is not None:
+                values, total = self.scorer.score_items(subset)
+                return Outcome(
+                    metrics=None,
+                    error=None,
+                    seconds=time.perf_counter() - start,
+                    item_values=values,
+                    items_total=total,
+                )
             metrics = self.scorer.score()
         except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
             # outside (0, 1)) must not end the search: it is logged and scored as the worst.

@@ -105,6 +105,11 @@ class Optimizer(abc.ABC):
         self._state_between: dict[str, Any] | None = None  # what state_dict() last returned, until a change
         self._in_flight: dict[int, Proposal] = {}  # asked one at a time, not yet told
 
+    def selected_count(self) -> int | None:
+        """How many of a generation's best candidates the update uses (CMA-ES's mu), or None when the
+        backend does not select a top set (racing then only asks which candidate can be the best)."""
+        return None
+
     def ask(self) -> list[Proposal]:
         if self._pending is not None:
             raise RuntimeError("ask() called twice: tell() the previous generation first")

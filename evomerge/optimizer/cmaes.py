@@ -87,6 +87,9 @@ class CMAESOptimizer(Optimizer):
         self._next_id = 0
         self._asked_unit: np.ndarray | None = None
 
+    def selected_count(self) -> int:
+        return int(self._es.sp.weights.mu)  # the parents CMA-ES recombines: their order matters, the rest's not
+
     def _ask_generation(self) -> list[Proposal]:
         with _BLAS.limit(limits=1, user_api="blas"):
             self._asked_unit = np.array(self._es.ask())

@@ -64,9 +64,11 @@ class OptunaOptimizer(Optimizer):
         seed: int,
         batch_size: int,
         run_dir: Path | str | None,
+        pruner: str | None = None,
     ) -> None:
         super().__init__(space=space, n_objectives=n_objectives)
         self.batch_size = batch_size
+        self._pruner = _pruner(pruner, n_objectives=n_objectives)
         self._sampler = sampler
         self._seed = seed
         self._distributions: dict[str, BaseDistribution] = {
@@ -119,7 +121,20 @@ class OptunaOptimizer(Optimizer):
     def _study_for(self, number: int) -> optuna.Study:
         """The study as seen by the sampler of trial `number`, which asks and is told that trial."""
         sampler = self._sampler(trial_seed(self._seed, number))
-        return optuna.load_study(study_name=STUDY_NAME, storage=self._storage, sampler=sampler)
+        return optuna.load_study(study_name=STUDY_NAME, storage=self._storage, sampler=sampler, pruner=self._pruner)
+
+    @property
+    def prunes(self) -> bool:
+        return self._pruner is not None
+
+    def should_prune(self, proposal: Proposal, step: int, value: float) -> bool:
+        """Report ``value`` (the candidate's estimate after ``step`` items) and let optuna's pruner decide
+        whether scoring it on more items is worth it (`Trial.report`, `Trial.should_prune`)."""
+        study = self._study_for(proposal.id)
+        trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id(), proposal.id)
+        trial = optuna.trial.Trial(study, trial_id)
+        trial.report(value, step)
+        return trial.should_prune()
 
     def close(self) -> None:
         if self._study_file is not None:
@@ -163,7 +178,8 @@ class OptunaOptimizer(Optimizer):
             distributions=self._distributions,
             user_attrs=record["user_attrs"],
             system_attrs=record["system_attrs"],
-            intermediate_values={},
+            # The pruner compares a trial's rounds with earlier trials' at the same step.
+            intermediate_values={int(step): value for step, value in record.get("intermediate_values", [])},
         )
 
 
@@ -223,6 +239,7 @@ class TPEOptimizer(OptunaOptimizer):
         batch_size: int = 20,
         n_startup_trials: int = 20,
         multivariate: bool = True,
+        pruner: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise EvomergeError(f"optimizer.batch_size is {batch_size}", "Give batch_size >= 1")
@@ -239,6 +256,7 @@ class TPEOptimizer(OptunaOptimizer):
             seed=seed,
             batch_size=batch_size,
             run_dir=run_dir,
+            pruner=pruner,
         )
 
 
@@ -341,7 +359,28 @@ def _trial_record(trial: FrozenTrial) -> dict[str, Any]:
         "system_attrs": dict(trial.system_attrs),
         "datetime_start": trial.datetime_start.isoformat(),
         "datetime_complete": None if trial.datetime_complete is None else trial.datetime_complete.isoformat(),
+        "intermediate_values": sorted(trial.intermediate_values.items()),
     }
+
+
+PRUNERS = {"successive_halving": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner}
+
+
+def _pruner(name: str | None, *, n_objectives: int) -> optuna.pruners.BasePruner | None:
+    """optuna's pruner by name, with its defaults; racing's rounds are its steps (items scored so far)."""
+    if name is None:
+        return None
+    if name not in PRUNERS:
+        raise EvomergeError(
+            f"optimizer.pruner is '{name}'", f"use one of {', '.join(PRUNERS)}, or null to score every item"
+        )
+    if n_objectives != 1:
+        raise EvomergeError(
+            f"optimizer.pruner={name} with {n_objectives} objectives: optuna does not support pruning in "
+            "multi-objective studies (Trial.report raises)",
+            "score one objective, or set optimizer.pruner=null",
+        )
+    return PRUNERS[name]()
 
 
 def _digest(trials: list[FrozenTrial]) -> str:

@@ -31,6 +31,7 @@ from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
 from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
+from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import Best, SearchState
 
@@ -84,7 +85,7 @@ def run_search(
     run: RunFolder,
     genome: Genome,
     optimizer: Optimizer,
-    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]],
+    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]] | Race,
     objectives: list[dict],
     budget: Budget,
 ) -> SearchState:
@@ -106,7 +107,10 @@ def run_search(
             # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
             # at most the candidates still in flight.
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
-            for position, outcome in evaluate([recipes[i] for i in fresh]):
+            batch = [recipes[i] for i in fresh]
+            # A race also needs the proposals: optuna's pruner reports to their trials.
+            scored = evaluate(batch, [proposals[i] for i in fresh]) if isinstance(evaluate, Race) else evaluate(batch)
+            for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
                 _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
                 failures.saw(outcome)
@@ -202,20 +206,24 @@ def log_row(
     """Log (and cache) this candidate's row and return its scores, if they are known: from the cache, a
     row logged before a resume, or an outcome ``arrived`` from the executor; else None."""
     cached = key in state.cache
+    items = None  # racing: [items scored, items in the task]
     if cached:
-        score, metrics, error = state.cache[key]
+        score, metrics, error, items = state.cache[key]
         seconds = 0.0
     elif key in replay:
         row = replay.pop(key)
         score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
+        items = row.get("items")
     elif key in arrived:
         outcome = arrived.pop(key)
         metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
         score = _objective_scores(metrics, error, objectives)
         state.evaluating_s += seconds
+        if outcome.item_values is not None:
+            items = [len(outcome.item_values), outcome.items_total]
     else:
         return None
-    state.cache[key] = (score, metrics, error)
+    state.cache[key] = (score, metrics, error, items)
     row = {
         "index": state.evaluations,
         "generation": state.generation,
@@ -228,6 +236,8 @@ def log_row(
         "cached": cached,
         "seconds": seconds,
     }
+    if items is not None:
+        row["items"] = items
     run.append_evaluation(row)
     _update_best(state, row, score)
     state.evaluations += 1
@@ -240,8 +250,8 @@ def checkpoint_bytes(state: SearchState) -> bytes:
     return pickle.dumps(replace(state, cache={}))
 
 
-def _cached(row: dict) -> tuple[tuple[float, ...], dict[str, float] | None, str | None]:
-    return _scores(row["scores"]), row["metrics"], row["error"]
+def _cached(row: dict) -> tuple[tuple[float, ...], dict[str, float] | None, str | None, list[int] | None]:
+    return _scores(row["scores"]), row["metrics"], row["error"], row.get("items")
 
 
 def _objective_scores(metrics: dict[str, float] | None, error: str | None, objectives: list[dict]) -> tuple[float, ...]:
@@ -258,6 +268,8 @@ def _scores(logged: list[float | None]) -> tuple[float, ...]:
 def _update_best(state: SearchState, row: dict, score: tuple[float, ...]) -> None:
     if not all(math.isfinite(s) for s in score):
         return
+    if "items" in row and row["items"][0] < row["items"][1]:
+        return  # a candidate a race stopped early: its estimate is not a score to report (racing.py)
     state.front.add(id=row["index"], scores=score)
     if state.best is None or score[0] > state.best.scores[0]:
         state.best = Best(index=row["index"], recipe=row["recipe"], scores=score, metrics=row["metrics"])

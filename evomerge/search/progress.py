@@ -26,7 +26,7 @@ class Progress:
 
 def summary_table(state: SearchState, objectives: list[str]) -> str:
     fresh = sum(1 for _ in state.cache)
-    failed = [error for _, _, error in state.cache.values() if error]
+    failed = [error for _, _, error, _ in state.cache.values() if error]
     lines = [
         "",
         f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct, "

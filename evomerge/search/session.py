@@ -25,6 +25,7 @@ from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import write_plots
+from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
 from evomerge.search.window import run_window_search
@@ -184,7 +185,22 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
-        search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": executor.evaluate}
+        evaluate = executor.evaluate
+        if cfg.racing.enabled:
+            evaluate = Race(
+                score_items=executor.evaluate,
+                metric=next(iter(objectives[0]["terms"])),
+                first_round=cfg.racing.first_round,
+                delta=cfg.racing.delta,
+                selected=optimizer.selected_count(),
+                should_prune=optimizer.should_prune if getattr(optimizer, "prunes", False) else None,
+            )
+        elif getattr(optimizer, "prunes", False):
+            raise EvomergeError(
+                "optimizer.pruner prunes between racing's rounds of items, and racing is off",
+                "set racing.enabled=true, or optimizer.pruner=null",
+            )
+        search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": evaluate}
         search |= {"objectives": objectives, "budget": budget}
         try:
             if cfg.in_flight is None:

@@ -23,8 +23,11 @@ class SearchState:
     evaluations: int = 0  # rows of evaluations.jsonl this state accounts for
     elapsed_s: float = 0.0  # wall time spent by all processes that drove the run
     evaluating_s: float = 0.0  # of which workers spent materializing and scoring candidates
-    # key -> (scores, metrics, error) of each distinct candidate; not in checkpoint.pkl (the log rebuilds it)
-    cache: dict[str, tuple[tuple[float, ...], dict[str, float] | None, str | None]] = field(default_factory=dict)
+    # key -> (scores, metrics, error, items) of each distinct candidate (items: [scored, in the task] when
+    # raced, else None); not in checkpoint.pkl (the log rebuilds it)
+    cache: dict[str, tuple[tuple[float, ...], dict[str, float] | None, str | None, list[int] | None]] = field(
+        default_factory=dict
+    )
     best: Best | None = None
     front: ParetoFront | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # per generation: best, mean
