@@ -119,7 +119,7 @@ def test_the_cli_builds_a_twin_model_from_a_recipe_file(toy_world, tmp_path, cap
         }
     )
     (tmp_path / "shared.yaml").write_text(recipe.to_yaml())
-    args = ["twin", str(tmp_path / "shared.yaml"), str(tmp_path / "twin"), "--energy", "0.5", "--tasks", *TASKS]
+    args = ["twin", str(tmp_path / "shared.yaml"), str(tmp_path / "twin"), "--energy", "0.5", "--tasks", "toy_lang"]
     assert main([*args, "--include-path", str(toy_world.tasks_dir)]) == 0
     assert "exclusive parts" in capsys.readouterr().out
     assert (tmp_path / "twin" / "modeling_twin.py").is_file()

@@ -77,7 +77,7 @@ def _model_card(recipe: Recipe, summary: TwinSummary) -> str:
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
-            "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+            "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
             "```",
             "",
             "lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`. Without `trust_remote_code=True`",
