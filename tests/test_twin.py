@@ -14,6 +14,7 @@ from evomerge.twin.build import build_twin, twin_from_shared
 from evomerge.twin.export import write_twin
 from evomerge.twin.items import task_items
 from evomerge.twin.router import train_router
+from tests.test_search_e2e import overrides
 
 TASKS = ["toy_math", "toy_lang"]
 
@@ -145,3 +146,12 @@ def test_experts_of_another_shape_are_refused(toy_world, items):
 def test_a_rank_above_the_matrix_size_is_refused(toy_world, items):
     with pytest.raises(EvomergeError, match="rank 33 is above the size of .* use a rank from 0 to 32"):
         twin_from_shared(toy_world.base, experts(toy_world), items, svd_rank=33)
+
+
+def test_a_data_flow_run_is_refused(toy_world, tmp_path):
+    run_dir = tmp_path / "dfs-run"
+    dfs = ["genome=dfs", "genome.embedding_source=2", "budget.evaluations=4", "tasks.limit=4"]
+    assert main(["search", *overrides(toy_world, run_dir, *dfs)]) == 0
+    with pytest.raises(EvomergeError, match="DataFlowRecipe .* not a parameter-space merge"):
+        build_twin(run_dir, tmp_path / "out", svd_rank=1)
+    assert not (tmp_path / "out").exists()

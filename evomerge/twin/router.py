@@ -33,12 +33,19 @@ def train_router(
         torch.manual_seed(seed)
         router = TwinRouter(hidden_size=features.shape[1], router_size=router_size, num_experts=num_experts)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
-        batch = torch.randint(0, len(features), (min(64, len(features)),), generator=generator)
-        loss = torch.nn.functional.cross_entropy(router(features[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # One thread: a 64-wide MLP gains nothing from a thread pool, which on a busy machine costs
+    # milliseconds per operation (measured: 25 s for 500 steps on a loaded 2-core VM, not 1 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            batch = torch.randint(0, len(features), (min(64, len(features)),), generator=generator)
+            loss = torch.nn.functional.cross_entropy(router(features[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return router.eval()
 
 
