@@ -113,6 +113,28 @@ def _export(args: argparse.Namespace) -> None:
         print(f"exported {path}")
 
 
+def _twin(args: argparse.Namespace) -> None:
+    from evomerge.twin.build import build_twin
+
+    out, summary = build_twin(
+        args.source,
+        args.out_dir,
+        rank=args.rank,
+        svd_rank=args.svd_rank,
+        energy=args.energy,
+        seed=args.seed,
+        tasks=args.tasks,
+        include_path=args.include_path,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote the Twin model to {out}: exclusive parts {summary.kept_bytes:,} bytes "
+        f"({summary.kept_bytes / summary.experts_bytes:.1%} of the experts' {summary.experts_bytes:,}); "
+        f"router agrees with the lowest-loss expert on {summary.router_accuracy:.1%} of its training items"
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from evomerge.demo import run_demo
 
@@ -175,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default=None, help="where to merge (default: the device the run scored on)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
+
+    twin = commands.add_parser("twin", help="Twin-Merging: the searched merge plus per-input routed expert parts")
+    twin.add_argument("source", help="a parameter-space search run folder, or a recipe file")
+    twin.add_argument("out_dir")
+    twin.add_argument("--rank", type=int, default=1, help="a run's N-th best candidate as the shared model (default 1)")
+    size = twin.add_mutually_exclusive_group(required=True)
+    size.add_argument("--svd-rank", type=int, help="singular values kept per weight matrix and expert")
+    size.add_argument("--energy", type=float, help="or: the fraction of each difference's energy kept, e.g. 0.9")
+    twin.add_argument("--seed", type=int, default=0, help="the router's seed")
+    twin.add_argument("--tasks", nargs="+", help="tasks the router learns from (default: the run's tasks)")
+    twin.add_argument("--include-path", help="folder of task YAMLs for --tasks")
+    twin.add_argument("--device", default="cpu", help="where to merge the shared model")
+    twin.add_argument("--overwrite", action="store_true")
+    twin.set_defaults(run=_twin)
 
     demo = commands.add_parser("demo", help="build the toy world, search merges of its experts, export the best")
     demo.add_argument("--size", choices=["tiny", "full"], default="full")
