@@ -135,52 +135,42 @@ class RoutedExperts:
         return CausalLMOutputWithPast(logits=logits)
 
 
-class TwinLlamaConfig(LlamaConfig):
-    model_type = "evomerge_twin_llama"
+class TwinFields:
+    """What a Twin folder's config adds to its family's, read back by ``RoutedExperts``."""
+
     twin_num_experts: int = 0
     twin_router_size: int = 0
     twin_ranks: dict | None = None  # tensor name -> the rank kept for each expert
     twin_shapes: dict | None = None  # tensor name -> [rows, cols]
     twin_vector_shapes: dict | None = None  # tensor name -> shape, for tensors kept whole (norms)
+
+
+class TwinLlamaConfig(TwinFields, LlamaConfig):
+    model_type = "evomerge_twin_llama"
 
 
 class TwinLlamaForCausalLM(RoutedExperts, LlamaForCausalLM):
     config_class = TwinLlamaConfig
 
 
-class TwinMistralConfig(MistralConfig):
+class TwinMistralConfig(TwinFields, MistralConfig):
     model_type = "evomerge_twin_mistral"
-    twin_num_experts: int = 0
-    twin_router_size: int = 0
-    twin_ranks: dict | None = None  # tensor name -> the rank kept for each expert
-    twin_shapes: dict | None = None  # tensor name -> [rows, cols]
-    twin_vector_shapes: dict | None = None  # tensor name -> shape, for tensors kept whole (norms)
 
 
 class TwinMistralForCausalLM(RoutedExperts, MistralForCausalLM):
     config_class = TwinMistralConfig
 
 
-class TwinQwen2Config(Qwen2Config):
+class TwinQwen2Config(TwinFields, Qwen2Config):
     model_type = "evomerge_twin_qwen2"
-    twin_num_experts: int = 0
-    twin_router_size: int = 0
-    twin_ranks: dict | None = None  # tensor name -> the rank kept for each expert
-    twin_shapes: dict | None = None  # tensor name -> [rows, cols]
-    twin_vector_shapes: dict | None = None  # tensor name -> shape, for tensors kept whole (norms)
 
 
 class TwinQwen2ForCausalLM(RoutedExperts, Qwen2ForCausalLM):
     config_class = TwinQwen2Config
 
 
-class TwinQwen3Config(Qwen3Config):
+class TwinQwen3Config(TwinFields, Qwen3Config):
     model_type = "evomerge_twin_qwen3"
-    twin_num_experts: int = 0
-    twin_router_size: int = 0
-    twin_ranks: dict | None = None  # tensor name -> the rank kept for each expert
-    twin_shapes: dict | None = None  # tensor name -> [rows, cols]
-    twin_vector_shapes: dict | None = None  # tensor name -> shape, for tensors kept whole (norms)
 
 
 class TwinQwen3ForCausalLM(RoutedExperts, Qwen3ForCausalLM):
