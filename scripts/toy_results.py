@@ -5,6 +5,7 @@ or the real-model SmolLM2 world (issue 19, results/smollm.md).
     python scripts/toy_results.py --world smollm --seeds 1 2 3 --budget 32
     python scripts/toy_results.py --seeds 1 --budget 16 --skip dfs,ps_dfs,pareto -- toy.size=tiny   # a quick look
     python scripts/toy_results.py --plots-only      # redraw both plots from the run folders in --work
+    python scripts/toy_results.py --reuse --seeds 1 2 3 ...  # tabulate run folders searched by separate processes
 
 Rows: chance (the most common answer), the base and each expert; task arithmetic, TIES and DARE-TIES with
 their usual parameters; then, per seed and
@@ -34,7 +35,7 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from toy_comparison import score_model, search, toy_config, write_marked_section
 from toy_plots import plot_fitness, plot_pareto, runs_by_name
 
@@ -44,6 +45,7 @@ from evomerge.export import export_run
 from evomerge.io.atomic import atomic_write_text
 from evomerge.materialize.to_disk import merge_to_disk
 from evomerge.recipe.recipe import Recipe
+from evomerge.search.run_folder import RunFolder
 from evomerge.toy import build_world
 from evomerge.toy.smollm import build_smol_world
 from evomerge.toy.tasks import chance_accuracy
@@ -96,6 +98,11 @@ def main() -> None:
     parser.add_argument("--dfs-overrides", nargs="*", default=[], help="Hydra overrides for DFS and PS+DFS")
     parser.add_argument("--skip", default="", help=f"comma-separated searches to leave out, of {','.join(SEARCHES)}")
     parser.add_argument("--plots-only", action="store_true", help="redraw the plots from the run folders in --work")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="tabulate the finished run folders in --work (e.g. seeds searched by separate processes) instead of searching",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-toy-results"))
     parser.add_argument("--out", type=Path, default=None, help="default: results/toy_world.md or results/smollm.md")
     parser.add_argument("--figures", type=Path, default=Path("results"), help="folder for the two PNGs")
@@ -113,10 +120,11 @@ def main() -> None:
     register_configs()
 
     if not args.plots_only:
-        shutil.rmtree(args.work, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(args.work, ignore_errors=True)
         shared = toy_config(0, "cmaes", 1, args.overrides, preset=args.world)  # what every run shares
         world = spec["build"](shared)
-        runs = run_searches(args, skip, world)
+        runs = finished_runs(args.work, args.seeds) if args.reuse else run_searches(args, skip, world)
         skills = spec["skills"]
         tasks = TaskSet(
             names=tuple(world.tasks[s] for s in skills) + tuple(world.holdout_tasks[s] for s in skills),
@@ -151,6 +159,19 @@ def run_searches(args: argparse.Namespace, skip: set[str], world) -> list[dict]:
         first, second = spec["skills"][:2]
         one, two = (f"{{name: {s}, terms: {{{world.tasks[s]}/acc: 1.0}}}}" for s in (first, second))
         search(args.work, "pareto", args.seeds[0], "nsga2", size, [*ps, f"objectives=[{one},{two}]"], **preset)
+    return runs
+
+
+def finished_runs(work: Path, seeds: list[int]) -> list[dict]:
+    """The run folders ``<name>-<seed>`` in ``work`` for ``seeds``, as ``run_searches`` returns them."""
+    runs = []
+    for seed in seeds:
+        for name in ROWS:
+            run_dir = work / f"{name}-{seed}"
+            if (run_dir / "config.yaml").exists():
+                state = RunFolder(run_dir).load_checkpoint()
+                config = OmegaConf.load(run_dir / "config.yaml")
+                runs.append({"name": name, "seed": seed, "run_dir": run_dir, "config": config, "state": state})
     return runs
 
 
