@@ -224,7 +224,7 @@ def render_table(args, shared: DictConfig, world, tasks: TaskSet, references: di
             spent = f"{_spent(by_name['ps'])} + {_spent(group)}" if name == "ps_dfs" else _spent(group)
             lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + f" | {spent} |")
     lines += ["", *_notes(args, runs[0]["config"] if runs else shared, runs, by_name), ""]
-    figures = args.figure_names
+    figures = args.figure_names[:1] if "pareto" in args.skip.split(",") else args.figure_names
     lines.append(" ".join(f"![{name}]({os.path.relpath(args.figures / name, args.out.parent)})" for name in figures))
     return "\n".join(lines) + "\n"
 
