@@ -54,67 +54,38 @@ class ScaledInputs:
                 layer.register_forward_pre_hook(partial(_scale_input, scale=float(scale)), with_kwargs=True)
 
 
-class DataFlowLlamaConfig(LlamaConfig):
-    model_type = "evomerge_dataflow_llama"
-    input_scales: list[float] | None = None  # one per decoder layer; None means all 1
+def _scaled_family(config_class: type, model_class: type, model_type: str) -> tuple[type, type]:
+    """The family's config with ``input_scales`` (one per decoder layer; None means all 1) and its
+    ``...ForCausalLM`` with ``ScaledInputs``, named DataFlow<name> under evomerge's own ``model_type``."""
+    config = type(
+        f"DataFlow{config_class.__name__}",
+        (config_class,),
+        {
+            "__module__": __name__,
+            "__annotations__": {"input_scales": list[float] | None},
+            "model_type": model_type,
+            "input_scales": None,
+        },
+    )
+    model = type(
+        f"DataFlow{model_class.__name__}", (ScaledInputs, model_class), {"__module__": __name__, "config_class": config}
+    )
+    return config, model
 
 
-class DataFlowLlamaForCausalLM(ScaledInputs, LlamaForCausalLM):
-    config_class = DataFlowLlamaConfig
-
-
-class DataFlowMistralConfig(MistralConfig):
-    model_type = "evomerge_dataflow_mistral"
-    input_scales: list[float] | None = None
-
-
-class DataFlowMistralForCausalLM(ScaledInputs, MistralForCausalLM):
-    config_class = DataFlowMistralConfig
-
-
-class DataFlowQwen2Config(Qwen2Config):
-    model_type = "evomerge_dataflow_qwen2"
-    input_scales: list[float] | None = None
-
-
-class DataFlowQwen2ForCausalLM(ScaledInputs, Qwen2ForCausalLM):
-    config_class = DataFlowQwen2Config
-
-
-class DataFlowQwen3Config(Qwen3Config):
-    model_type = "evomerge_dataflow_qwen3"
-    input_scales: list[float] | None = None
-
-
-class DataFlowQwen3ForCausalLM(ScaledInputs, Qwen3ForCausalLM):
-    config_class = DataFlowQwen3Config
-
-
-class DataFlowGemma2Config(Gemma2Config):
-    model_type = "evomerge_dataflow_gemma2"
-    input_scales: list[float] | None = None
-
-
-class DataFlowGemma2ForCausalLM(ScaledInputs, Gemma2ForCausalLM):
-    config_class = DataFlowGemma2Config
-
-
-class DataFlowGemma3TextConfig(Gemma3TextConfig):
-    model_type = "evomerge_dataflow_gemma3_text"
-    input_scales: list[float] | None = None
-
-
-class DataFlowGemma3ForCausalLM(ScaledInputs, Gemma3ForCausalLM):
-    config_class = DataFlowGemma3TextConfig
-
-
-class DataFlowPhi3Config(Phi3Config):
-    model_type = "evomerge_dataflow_phi3"
-    input_scales: list[float] | None = None
-
-
-class DataFlowPhi3ForCausalLM(ScaledInputs, Phi3ForCausalLM):
-    config_class = DataFlowPhi3Config
+DataFlowLlamaConfig, DataFlowLlamaForCausalLM = _scaled_family(LlamaConfig, LlamaForCausalLM, "evomerge_dataflow_llama")
+DataFlowMistralConfig, DataFlowMistralForCausalLM = _scaled_family(
+    MistralConfig, MistralForCausalLM, "evomerge_dataflow_mistral"
+)
+DataFlowQwen2Config, DataFlowQwen2ForCausalLM = _scaled_family(Qwen2Config, Qwen2ForCausalLM, "evomerge_dataflow_qwen2")
+DataFlowQwen3Config, DataFlowQwen3ForCausalLM = _scaled_family(Qwen3Config, Qwen3ForCausalLM, "evomerge_dataflow_qwen3")
+DataFlowGemma2Config, DataFlowGemma2ForCausalLM = _scaled_family(
+    Gemma2Config, Gemma2ForCausalLM, "evomerge_dataflow_gemma2"
+)
+DataFlowGemma3TextConfig, DataFlowGemma3ForCausalLM = _scaled_family(
+    Gemma3TextConfig, Gemma3ForCausalLM, "evomerge_dataflow_gemma3_text"
+)
+DataFlowPhi3Config, DataFlowPhi3ForCausalLM = _scaled_family(Phi3Config, Phi3ForCausalLM, "evomerge_dataflow_phi3")
 
 
 # The model class for each family evomerge exports with scales (keyed by the source's model_type).

@@ -21,7 +21,7 @@ from evomerge.io.atomic import atomic_folder, refuse_existing
 from evomerge.io.checkpoint import layer_index
 from evomerge.io.writer import ShardedWriter, write_model_files
 from evomerge.materialize.dataflow import open_sources, per_layer_values, source_configs
-from evomerge.materialize.model_card import RECIPE_NAME, card_tail
+from evomerge.materialize.model_card import RECIPE_NAME, card_tail, remote_code_loading
 from evomerge.recipe.dataflow import DataFlowRecipe, to_passthrough
 
 MERGEKIT_NAME = "mergekit_config.yml"
@@ -108,23 +108,11 @@ def _model_card(recipe: DataFlowRecipe, scores: dict[str, float] | None, passthr
         "",
     ]
     if passthrough is None:
-        lines += [
-            "## Loading",
-            "",
-            "The path scales the hidden state between layers, which the standard model cannot, so this folder ships",
-            f"its own modeling code (`{MODELING_NAME}`). Load it with:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
-            "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
-            "```",
-            "",
-            "Read the file first: it is short, and subclasses the transformers model to multiply each decoder layer's",
-            "input by its scale. Without `trust_remote_code=True` loading fails rather than ignoring the scales",
-            "(lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`).",
-            "",
-        ]
+        lines += remote_code_loading(
+            MODELING_NAME,
+            "The path scales each decoder layer's input (the hidden state), which the standard model cannot",
+            "loading fails rather than ignoring the scales",
+        )
     mergekit = None if passthrough is None else ("## The same stack for mergekit (passthrough)", passthrough)
     lines += card_tail(scores, recipe.to_yaml(), mergekit)
     return "\n".join(lines)

@@ -64,6 +64,26 @@ def untied_note(tied: Sequence[str]) -> str:
     )
 
 
+def remote_code_loading(modeling_file: str, why: str, without: str) -> list[str]:
+    """A model card's "Loading" section for a folder that ships its own modeling code: ``why`` the standard
+    model cannot run it, and what loading ``without`` ``trust_remote_code=True`` does instead."""
+    return [
+        "## Loading",
+        "",
+        f"{why}, so this folder ships its own modeling code (`{modeling_file}`). Read it first (it is short),",
+        "then load with:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
+        "```",
+        "",
+        f"lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`. Without `trust_remote_code=True` {without}.",
+        "",
+    ]
+
+
 def card_tail(scores: dict[str, float] | None, recipe_yaml: str, mergekit: tuple[str, str] | None) -> list[str]:
     """A model card's closing sections: the scores that chose the model, its evomerge recipe, and
     (``mergekit`` = heading, YAML) the same model for mergekit where it can express it."""

@@ -16,7 +16,7 @@ from evomerge.methods.registry import (
     merge_method,
 )
 from evomerge.methods.sparsify import WORD_RANGE, bernoulli_words, draw_dtype, draws_words, random_drop
-from evomerge.methods.task_arithmetic import merge_task_vectors
+from evomerge.methods.task_arithmetic import merge_task_vectors, sparse_task_arithmetic
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
 # Entries per block of the chunked (eager) merge: its dozen temporaries are then blocks the allocator
@@ -126,11 +126,19 @@ def dare(
         # can run in chunks here too.
         draws = bernoulli_words(torch.Size((sum(keep < 1 for keep in keeps), *deltas.shape[1:])), generator)
     if draws is None:
-        dropped = torch.empty_like(deltas)
-        for delta, keep, drop in zip(deltas, keeps, dropped, strict=True):
-            random_drop(delta, keep, drop, rescale=rescale, generator=generator)
-        return merge_task_vectors(
-            base, dropped, weight, normalize=normalize, lambda_=lambda_, sign_consensus=sign_consensus, out=out
+        return sparse_task_arithmetic(
+            base,
+            deltas,
+            sparsify=random_drop,
+            sign_consensus=sign_consensus,
+            weight=weight,
+            normalize=normalize,
+            rescale=rescale,
+            lambda_=lambda_,
+            int8_mask=int8_mask,
+            out=out,
+            density=density,
+            generator=generator,
         )
     count = deltas.shape[0]
     flat_base, flat_deltas = base.reshape(-1), deltas.reshape(count, -1)

@@ -7,6 +7,8 @@ optionally divide by the sum of the (agreeing) weights, multiply by lambda, add 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from evomerge.methods.linear import weighted_sum
@@ -56,6 +58,36 @@ def merge_task_vectors(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base.reshape(-1)).view(base.shape)
+
+
+def sparse_task_arithmetic(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    sparsify: Callable[..., None],
+    sign_consensus: bool,
+    weight: torch.Tensor,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    int8_mask: bool,  # how mergekit stores its mask; no numeric effect (see sign_consensus)
+    out: torch.Tensor | None = None,
+    **knobs: torch.Tensor | torch.Generator,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic for the methods that sparsify first (DARE, DELLA, Breadcrumbs):
+    ``sparsify`` (a step from sparsify.py) writes each task vector's sparse copy, given that model's value of
+    each per-model knob (density, gamma, epsilon) and ``rescale``; a random step also gets ``generator``.
+    Then ``merge_task_vectors`` adds them up, TIES-elected where ``sign_consensus``. The methods register
+    this one function with their step and consensus fixed (``fixed=``), as mergekit registers its variants."""
+    shared = {"generator": knobs.pop("generator")} if "generator" in knobs else {}
+    per_model = {name: knob.tolist() for name, knob in knobs.items()}
+    kept = torch.empty_like(deltas)
+    for index, (delta, into) in enumerate(zip(deltas, kept, strict=True)):
+        mine = {name: values[index] for name, values in per_model.items()}
+        sparsify(delta, out=into, rescale=rescale, **shared, **mine)
+    return merge_task_vectors(
+        base, kept, weight, normalize=normalize, lambda_=lambda_, sign_consensus=sign_consensus, out=out
+    )
 
 
 @merge_method(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from evomerge.io.atomic import atomic_folder
-from evomerge.materialize.model_card import RECIPE_NAME
+from evomerge.materialize.model_card import RECIPE_NAME, remote_code_loading
 from evomerge.recipe.recipe import Recipe
 
 MODELING_NAME = "modeling_twin.py"
@@ -69,21 +69,12 @@ def _model_card(recipe: Recipe, summary: TwinSummary) -> str:
             f"Router: trained on {', '.join(summary.router_tasks)}, each item labelled by the expert with the lowest "
             f"loss on it; it picks that expert on {summary.router_accuracy:.1%} of those items.",
             "",
-            "## Loading",
-            "",
-            f"The weights change with each input, so this folder ships its own modeling code (`{MODELING_NAME}`).",
-            "Read it first (it is short), then load with:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
-            "tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)  # it reads config.json too",
-            "```",
-            "",
-            "lm-eval: `--model_args pretrained=FOLDER,trust_remote_code=True`. Without `trust_remote_code=True`",
-            "loading fails rather than running the shared model alone. Each row of a batch is run on its own",
-            "weights, so scoring is slower than a static model's by about the batch size.",
-            "",
+            *remote_code_loading(
+                MODELING_NAME,
+                "The weights change with each input",
+                "loading fails rather than running the shared model alone. Each row of a batch runs on its own "
+                "weights, so scoring is slower than a static model's by about the batch size",
+            ),
             "## Shared model recipe (evomerge)",
             "",
             "```yaml",
