@@ -103,6 +103,16 @@ class RacingConfig:
     delta: float = 0.05  # all the race's conclusions hold together with probability >= 1 - delta
 
 
+@dataclass
+class EstimateConfig:
+    """Estimated fitness (evomerge/search/estimate.py): candidates scored on IRT anchor items."""
+
+    enabled: bool = False
+    anchors: int = 100  # anchor items each candidate is scored on (tinyBenchmarks: 100 per task)
+    dims: int = 2  # the IRT model's ability dimensions
+    seed: int = 0  # the fit's and the anchor clustering's seed
+
+
 class ExecutorKind(str, Enum):
     serial = "serial"
     ray = "ray"
@@ -144,6 +154,7 @@ class SearchConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     in_flight: int | None = None  # None: generations (loop.py); N: asynchronous, N candidates out (window.py)
     racing: RacingConfig = field(default_factory=RacingConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
@@ -210,6 +221,20 @@ def check_config(cfg: DictConfig) -> None:
                 f"{len(cfg.objectives)} objective(s), {len(cfg.objectives[0].terms)} term(s), in_flight={cfg.in_flight}",
                 "use one objective with one 'task/metric' term (e.g. toy_combined/acc) and in_flight=null, or "
                 "racing.enabled=false",
+            )
+    estimate = cfg.estimate
+    if estimate.enabled:
+        if estimate.anchors < 1:
+            raise bad("estimate.anchors", estimate.anchors, "a positive number of anchor items, e.g. 100")
+        if estimate.dims < 1:
+            raise bad("estimate.dims", estimate.dims, "a positive number of ability dimensions, e.g. 2")
+        if racing.enabled or len(cfg.objectives) != 1 or len(cfg.objectives[0].terms) != 1 or cfg.in_flight is not None:
+            raise EvomergeError(
+                "estimate.enabled estimates one per-item metric of one task, over whole generations, without "
+                f"racing; this run has {len(cfg.objectives)} objective(s), {len(cfg.objectives[0].terms)} term(s), "
+                f"in_flight={cfg.in_flight}, racing.enabled={racing.enabled}",
+                "use one objective with one 'task/metric' term (e.g. toy_combined/acc), in_flight=null and "
+                "racing.enabled=false, or estimate.enabled=false",
             )
     if cfg.in_flight is not None and cfg.in_flight < 1:
         raise bad("in_flight", cfg.in_flight, "a positive number of candidates in flight, or null for generations")

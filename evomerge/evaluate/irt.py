@@ -19,12 +19,12 @@ merge that beats every endpoint is still reachable).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.io.atomic import atomic_write_text
 
 _ALPHA_PRIOR_SD = 1.0
 _BETA_PRIOR_SD = 3.0
@@ -138,10 +138,9 @@ class AnchorEstimator:
             )
         return y
 
-    def save(self, path: str | Path) -> None:
-        """Write as JSON, to a temporary name then renamed, so a killed run never leaves half a file."""
-        path = Path(path)
-        state = {
+    def state(self) -> dict:
+        """Everything the estimator holds, as plain JSON-ready values (``from_state`` reads it back)."""
+        return {
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
             "abilities": self.abilities.tolist(),
@@ -149,14 +148,18 @@ class AnchorEstimator:
             "weights": self.weights.tolist(),
             "irt_bias_squared": self.irt_bias_squared,
         }
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, path)
+
+    @classmethod
+    def from_state(cls, state: dict) -> AnchorEstimator:
+        return cls(**{key: np.asarray(value) if isinstance(value, list) else value for key, value in state.items()})
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON, to a temporary name then renamed, so a killed run never leaves half a file."""
+        atomic_write_text(Path(path), json.dumps(self.state()))
 
     @classmethod
     def load(cls, path: str | Path) -> AnchorEstimator:
-        state = json.loads(Path(path).read_text())
-        return cls(**{key: np.asarray(value) if isinstance(value, list) else value for key, value in state.items()})
+        return cls.from_state(json.loads(Path(path).read_text()))
 
 
 def _held_out_bias_squared(y: np.ndarray, *, dims: int, anchors: np.ndarray, weights: np.ndarray, seed: int) -> float:

@@ -127,8 +127,8 @@ class LMEvalScorer:
         return metrics
 
     def score_items(self, subset: ItemSubset) -> tuple[list[float], int]:
-        """Per-item values of one leaf task's metric on positions ``start:stop`` of its items in racing
-        order, and how many items that order holds (the ``limit`` subsample, or every item).
+        """Per-item values of one leaf task's metric on positions ``start:stop`` (or ``positions``) of its
+        items in racing order, and how many items that order holds (the ``limit`` subsample, or every item).
 
         Racing order is one fixed shuffle (``sample_seed``), so every candidate and every generation sees
         the same items in the same order, and any prefix is a uniform sample of the task.
@@ -141,7 +141,10 @@ class LMEvalScorer:
                 f"race a metric of one of: {', '.join(sorted(self.loaded['tasks']))}",
             )
         order = self._racing_order(task_name, task)
-        indices = order[subset.start : subset.stop]
+        if subset.positions is None:
+            indices = order[subset.start : subset.stop]
+        else:
+            indices = [order[position] for position in subset.positions]
         if not indices:
             return [], len(order)  # lm-eval reads an empty selection as "every item"
         tasks = self.tasks
@@ -188,11 +191,13 @@ class LMEvalScorer:
 
 @dataclass(frozen=True)
 class ItemSubset:
-    """Items ``start:stop`` of ``metric``'s task in racing order; ``metric`` as the objectives name it."""
+    """Items ``start:stop`` of ``metric``'s task in racing order, or the items at ``positions`` of that
+    order (estimated fitness: the anchors); ``metric`` as the objectives name it."""
 
     metric: str
-    start: int
-    stop: int
+    start: int = 0
+    stop: int | None = None
+    positions: tuple[int, ...] | None = None
 
 
 def _split_metric(name: str) -> tuple[str, str, str]:

@@ -23,6 +23,7 @@ from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
+from evomerge.search.estimate import FIT_FILE, Estimate, describe_error, fitted_estimator
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import write_plots
 from evomerge.search.racing import Race
@@ -181,15 +182,37 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             gpus_per_worker=cfg.executor.gpus_per_worker,
             reserve_bytes=cfg.executor.reserve_bytes,
         )
+        metric = next(iter(objectives[0]["terms"]))
+        if cfg.estimate.enabled:  # before the workers start: it loads each endpoint model once, on the device
+            estimator, fit = fitted_estimator(
+                run.path,
+                template,
+                spec.tasks,
+                metric,
+                anchors=cfg.estimate.anchors,
+                dims=cfg.estimate.dims,
+                seed=cfg.estimate.seed,
+                device=cfg.device,
+                dtype=str(cfg.dtype),
+            )
+            print(
+                f"evomerge: estimated fitness: IRT fitted on {len(fit['models'])} models x "
+                f"{len(fit['responses'][0])} items of {metric} ({fit['items_scored']} items scored, {FIT_FILE}); "
+                f"each candidate is scored on {len(estimator.anchors)} anchors",
+                flush=True,
+            )
         executor = build_executor(cfg.executor, spec)
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
         evaluate = executor.evaluate
+        if cfg.estimate.enabled:
+            total = len(fit["responses"][0])
+            evaluate = Estimate(score_items=executor.evaluate, metric=metric, estimator=estimator, total=total)
         if cfg.racing.enabled:
             evaluate = Race(
                 score_items=executor.evaluate,
-                metric=next(iter(objectives[0]["terms"])),
+                metric=metric,
                 first_round=cfg.racing.first_round,
                 delta=cfg.racing.delta,
                 selected=optimizer.selected_count(),
@@ -210,6 +233,8 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         finally:
             executor.close()
         optimizer.close()
+        if cfg.estimate.enabled and (line := describe_error(run.read_evaluations(), metric)) is not None:
+            print(f"evomerge: {line}")
         write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
         return state
     finally:

@@ -1,0 +1,177 @@
+"""Estimated fitness: each candidate is scored on a few anchor items of the objective's task, and its
+accuracy on every item is estimated by item-response theory (evaluate/irt.py, tinyBenchmarks' gp-IRT).
+
+At the start of a run, the base and every expert are scored on every item of the task, once; the IRT
+model is fitted on those results and its anchors chosen (``estimate.anchors`` items). Both are cached in
+the run folder (``irt.json``), so a resumed run reads them instead of scoring the endpoints again.
+
+In each generation every candidate is scored on the anchors and the optimizer is told its estimate. The
+generation's best estimate is then scored on the task's other items as well, and the optimizer is told
+its real accuracy: so every candidate that can become the run's best has been scored on every item
+(loop.py reports only those), and each such row logs the estimate beside the real value
+(``<metric>@estimate``), which is the estimator's error against full scoring (``estimator_error``).
+
+A kill mid-generation logs nothing of that generation, and the resumed run scores it again identically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.irt import AnchorEstimator
+from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
+from evomerge.executor.worker import Outcome
+from evomerge.genome.contract import Candidate
+from evomerge.io.atomic import atomic_write_text
+from evomerge.io.locate import resolve_model
+from evomerge.recipe.dataflow import DataFlowRecipe
+from evomerge.recipe.recipe import Recipe
+from evomerge.search.racing import ScoreItems
+
+FIT_FILE = "irt.json"
+ESTIMATE_SUFFIX = "@estimate"
+
+
+def endpoints(template: Recipe | DataFlowRecipe) -> list[str]:
+    """The models an estimator is fitted on: the base (where the recipe has one) and every expert."""
+    if isinstance(template, DataFlowRecipe):
+        refs = list(template.sources)
+    else:
+        refs = ([template.base] if template.base is not None else []) + list(template.model_paths)
+    return list(dict.fromkeys(str(ref) for ref in refs))
+
+
+def score_endpoint(ref: str, tasks: TaskSet, metric: str, *, device: str, dtype: str) -> list[float]:
+    """One model's value of ``metric`` on every item of its task, in racing order, scored from its own folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.dtypes import torch_dtype
+    from evomerge.materialize.to_disk import resolve_device
+
+    folder = resolve_model(ref).path
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).to(resolve_device(device)).eval()
+    scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), tasks=tasks)
+    values, _ = scorer.score_items(ItemSubset(metric=metric))
+    del scorer, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return values
+
+
+def fitted_estimator(
+    run_dir: Path,
+    template: Recipe | DataFlowRecipe,
+    tasks: TaskSet,
+    metric: str,
+    *,
+    anchors: int,
+    dims: int,
+    seed: int,
+    device: str,
+    dtype: str,
+) -> tuple[AnchorEstimator, dict]:
+    """The run's estimator, from ``irt.json`` when an earlier start wrote it, else fitted now (and written).
+    Also returns what the file records: the endpoints' responses and how many items fitting scored."""
+    path = run_dir / FIT_FILE
+    if path.exists():
+        record = json.loads(path.read_text())
+        return AnchorEstimator.from_state(record["estimator"]), record
+    models = endpoints(template)
+    responses = []
+    for ref in models:
+        print(f"evomerge: estimated fitness: scoring {ref} on every item of {metric}", flush=True)
+        responses.append(score_endpoint(ref, tasks, metric, device=device, dtype=dtype))
+        if anchors >= len(responses[0]):
+            raise EvomergeError(
+                f"estimate.anchors={anchors}, but {metric} has {len(responses[0])} items: scoring every candidate "
+                "on that many anchors saves nothing",
+                f"set estimate.anchors below {len(responses[0])} (tinyBenchmarks uses about 100 of 1,000+ items; "
+                "on a task of ~100 items, 10 to 20), or estimate.enabled=false",
+            )
+    estimator = AnchorEstimator.fit(responses, n_anchors=anchors, dims=dims, seed=seed)
+    record = {
+        "metric": metric,
+        "models": models,
+        "responses": responses,
+        "items_scored": sum(len(row) for row in responses),
+        "estimator": estimator.state(),
+    }
+    atomic_write_text(path, json.dumps(record))  # a kill while writing leaves no half file: the next start fits again
+    return estimator, record
+
+
+class Estimate:
+    """The search loop's ``evaluate``: anchors for every candidate, every item for the generation's best
+    estimate; yields the outcomes once the generation is done (see the module docstring)."""
+
+    def __init__(self, *, score_items: ScoreItems, metric: str, estimator: AnchorEstimator, total: int) -> None:
+        self.score_items = score_items
+        self.metric = metric
+        self.estimator = estimator
+        self.anchors = tuple(int(i) for i in estimator.anchors)
+        self.rest = tuple(sorted(set(range(total)) - set(self.anchors)))
+
+    def __call__(self, recipes: list[Candidate]) -> Iterator[tuple[int, Outcome]]:
+        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=self.anchors)))
+        estimates = {
+            i: self.estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None
+        }
+        finished = {}
+        if estimates:
+            best = max(estimates, key=lambda i: (estimates[i], -i))  # the earliest of equal estimates
+            ((_, rest),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=self.rest))
+            if rest.item_values is None:
+                finished[best] = Outcome(metrics=None, error=rest.error, seconds=outcomes[best].seconds + rest.seconds)
+            else:
+                values = outcomes[best].item_values + rest.item_values
+                finished[best] = Outcome(
+                    metrics={self.metric: sum(values) / len(values), self.metric + ESTIMATE_SUFFIX: estimates[best]},
+                    error=None,
+                    seconds=outcomes[best].seconds + rest.seconds,
+                    item_values=values,
+                    items_total=rest.items_total,
+                )
+        for i in range(len(recipes)):
+            outcome = outcomes[i]
+            if i in finished:
+                yield i, finished[i]
+            elif outcome.item_values is None:
+                yield i, Outcome(metrics=None, error=outcome.error, seconds=outcome.seconds)
+            else:
+                yield (
+                    i,
+                    Outcome(
+                        metrics={self.metric: estimates[i]},
+                        error=None,
+                        seconds=outcome.seconds,
+                        item_values=outcome.item_values,
+                        items_total=outcome.items_total,
+                    ),
+                )
+
+
+def estimator_error(rows: list[dict], metric: str) -> tuple[float, float, int] | None:
+    """Mean and largest |estimate - accuracy on every item| over the rows scored both ways, and how many."""
+    errors = [
+        abs(row["metrics"][metric + ESTIMATE_SUFFIX] - row["metrics"][metric])
+        for row in rows
+        if row.get("metrics") and metric + ESTIMATE_SUFFIX in row["metrics"] and not row["cached"]
+    ]
+    if not errors:
+        return None
+    return sum(errors) / len(errors), max(errors), len(errors)
+
+
+def describe_error(rows: list[dict], metric: str) -> str | None:
+    error = estimator_error(rows, metric)
+    if error is None:
+        return None
+    mean, largest, count = error
+    return (
+        f"estimated fitness: |IRT estimate - accuracy on every item| = {mean:.4f} on average, {largest:.4f} at most, "
+        f"over the {count} candidates scored both ways"
+    )
