@@ -165,3 +165,19 @@ def test_lm_eval_scores_items_at_given_positions(toy_world):
     positions = (7, 2, 11, 0)
     picked, _ = scorer.score_items(ItemSubset(metric="toy_math/acc", positions=positions))
     assert picked == [every[p] for p in positions]
+
+
+def test_a_run_folder_from_before_estimated_fitness_resumes(toy_world, tmp_path):
+    """Run folders written before `estimate` existed have no such key in config.yaml: a resume reads the
+    default (off) instead of failing on the missing key."""
+    import yaml
+
+    from evomerge.search.session import resume, start
+
+    run_dir = tmp_path / "run"
+    start(toy_racing_config(toy_world, run_dir, "racing.enabled=false", "optimizer.popsize=4"), run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["estimate"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    state = resume(run_dir, ["budget.evaluations=8"], force=True)
+    assert state.evaluations == 8

@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.config import check_config
+from evomerge.config import SearchConfig, check_config
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.serial import SerialExecutor
@@ -64,7 +64,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
     run = RunFolder(run_dir)
     if not run.config_path.exists():
         raise EvomergeError(f"'{run_dir}' holds no evomerge run (no config.yaml)", "check the path")
-    saved = OmegaConf.load(run.config_path)
+    saved = saved_config(run)
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)) if overrides else saved
     diff = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
     if diff and not force:
@@ -77,6 +77,14 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
     if diff:
         run.write_config(OmegaConf.to_yaml(cfg))
     return _drive(cfg, run)
+
+
+def saved_config(run: RunFolder) -> DictConfig:
+    """The run's config.yaml, with the settings evomerge gained since it was written (``estimate``, say)
+    at their defaults, which keep the old behaviour: an older run folder resumes instead of failing on a
+    missing key."""
+    saved = OmegaConf.load(run.config_path)
+    return OmegaConf.merge(OmegaConf.to_container(OmegaConf.structured(SearchConfig)), saved)
 
 
 def template_recipe(cfg: DictConfig) -> Recipe:
