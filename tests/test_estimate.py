@@ -11,12 +11,10 @@ import pytest
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.irt import AnchorEstimator
 from evomerge.executor.worker import Outcome
-from evomerge.optimizer.cmaes import CMAESOptimizer
 from evomerge.search.estimate import ESTIMATE_SUFFIX, FIT_FILE, Estimate, estimator_error
-from evomerge.search.loop import Budget, run_search
 from evomerge.search.run_folder import RunFolder
 from tests.test_racing import toy_racing_config
-from tests.test_search_loop import OBJECTIVES, fitness, genome
+from tests.test_search_loop import fitness, search
 
 ITEMS = 200
 THRESHOLDS = np.random.default_rng(1).random(ITEMS)  # item k is right iff THRESHOLDS[k] < the model's p
@@ -67,21 +65,9 @@ def test_every_candidate_sees_the_anchors_and_the_best_estimate_every_item():
         assert abs(outcomes[i].metrics["toy/acc"] - p) < 0.15
 
 
-def estimated_search(path, scorer, *, evaluations=32):
-    g = genome()
-    run = RunFolder(path)
-    run.lock()
-    try:
-        return run_search(
-            run=run,
-            genome=g,
-            optimizer=CMAESOptimizer(space=g.space, n_objectives=1, seed=3, popsize=8),
-            evaluate=Estimate(score_items=scorer, metric="toy/acc", estimator=estimator(), total=ITEMS),
-            objectives=OBJECTIVES,
-            budget=Budget(evaluations=evaluations),
-        )
-    finally:
-        run.close()
+def estimated_search(path, scorer):
+    evaluate = Estimate(score_items=scorer, metric="toy/acc", estimator=estimator(), total=ITEMS)
+    return search(path, evaluate, evaluations=32)
 
 
 def test_a_killed_estimated_search_resumes_to_the_identical_log(tmp_path):
