@@ -54,8 +54,8 @@ def run_search(overrides: list[str], work: Path, device: str) -> list[dict[str, 
     readings: list[dict[str, int]] = []
     evaluate = Worker.evaluate
 
-    def watched(worker, recipe):
-        outcome = evaluate(worker, recipe)
+    def watched(worker, recipe, subset=None):  # the executors pass the racing subset (None: every item)
+        outcome = evaluate(worker, recipe, subset)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         readings.append(memory(device))

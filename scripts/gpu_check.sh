@@ -23,7 +23,11 @@
 #   search    a short toy search on the device with the serial executor, then its export, reloaded
 # The tables land in OUT/results/ as *_cuda.md, and scripts/gpu_report.py gathers every step's figures into
 # OUT/gpu_check_cuda.md: commit it as results/gpu_check_cuda.md.
-# With DEVICE=cpu it is the same check on the CPU (a dry run in a fresh venv).
+# With DEVICE=cpu it is the same check on the CPU (a dry run in a fresh venv). The venv imitating the GPU
+# machine, and the dry run (results/gpu_check_cpu_dryrun.md):
+#   python3.12 -m venv /tmp/gpu312 && /tmp/gpu312/bin/python -m pip install torch==2.11.0 transformers==5.17.0 safetensors accelerate
+#   PYTHON=/tmp/gpu312/bin/python bash scripts/gpu_check.sh /tmp/gpucheck-out cpu
+# On a CPU the bench and memory steps (bfloat16, eager kernels before torch 2.13) need minutes more than their limits.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT [cuda|cpu]}
 DEVICE=${2:-cuda}
@@ -87,5 +91,5 @@ step search 60 bash -c "evomerge search preset=toy executor=serial optimizer=cma
 
 echo "total $(($(date +%s) - began)) s" | tee -a "$OUT/steps.md"
 # One table of it all, beside the logs (commit it as results/gpu_check_<device>.md).
-"$PY" scripts/gpu_report.py "$OUT" --out "$OUT/gpu_check_$DEVICE.md"
+"$PY" scripts/gpu_report.py "$OUT" --device "$DEVICE" --out "$OUT/gpu_check_$DEVICE.md"
 cat "$OUT/steps.md"

@@ -1,6 +1,6 @@
 """One table of what scripts/gpu_check.sh measured, from the logs it left in its output folder.
 
-    python scripts/gpu_report.py OUT [--out results/gpu_check_cuda.md]
+    python scripts/gpu_report.py OUT [--out results/gpu_check_cuda.md] [--device cpu] [--note TEXT]
 
 gpu_check.sh runs this at its end; it also runs here on a folder the device tool brought back. Every
 figure comes from OUT's logs (steps.md, env.txt, tests.log, bench.log, memory.log, search.log): a step
@@ -36,7 +36,7 @@ def lines_matching(text: str, pattern: str) -> list[str]:
     return [line for line in text.splitlines() if re.search(pattern, line)]
 
 
-def report(folder: Path) -> str:
+def report(folder: Path, device: str = "cuda", note: str = "") -> str:
     def read(name: str) -> str:
         path = folder / name
         return path.read_text(errors="replace") if path.is_file() else ""
@@ -45,9 +45,10 @@ def report(folder: Path) -> str:
     memory_rows = lines_matching(read("memory.log"), r"^\| .* \| \d+ \| ")
     search = read("search.log")
     lines = [
-        "# GPU check",
+        "# GPU check" + ("" if device == "cuda" else f" (dry run on {device.upper()}, no GPU)"),
         "",
-        f"Written by `python scripts/gpu_report.py {folder}` from the logs of `bash scripts/gpu_check.sh OUT cuda`; "
+        *([note, ""] if note else []),
+        f"Written by `python scripts/gpu_report.py {folder}` from the logs of `bash scripts/gpu_check.sh OUT {device}`; "
         "not edited by hand. Models: the bench's random Llamas (53 M parameters, bfloat16) and the toy world "
         "(full-seed0-v4).",
         "",
@@ -92,9 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="gpu_check.sh's output folder")
     parser.add_argument("--out", type=Path, default=None, help="default: FOLDER/gpu_check.md")
+    parser.add_argument("--device", default="cuda", help="the device gpu_check.sh ran on (default cuda)")
+    parser.add_argument("--note", default="", help="a paragraph under the title: how and where it ran")
     args = parser.parse_args()
     out = args.out or args.folder / "gpu_check.md"
-    out.write_text(report(args.folder))
+    out.write_text(report(args.folder, args.device, args.note))
     print(f"wrote {out}")
 
 
