@@ -28,6 +28,8 @@
 #   python3.12 -m venv /tmp/gpu312 && /tmp/gpu312/bin/python -m pip install torch==2.11.0 transformers==5.17.0 safetensors accelerate
 #   PYTHON=/tmp/gpu312/bin/python bash scripts/gpu_check.sh /tmp/gpucheck-out cpu
 # On a CPU the bench and memory steps (bfloat16, eager kernels before torch 2.13) need minutes more than their limits.
+# Limits: on the H200 (results/gpu_check_cuda.md, 2026-12-04) tests took 44 s and memory ran out at 100 s
+# after its TIES search, so memory now has 160 s and tests 120 s (119 s on this 2-core CPU).
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT [cuda|cpu]}
 DEVICE=${2:-cuda}
@@ -74,14 +76,14 @@ step install 40 bash -c "'$PY' -m pip install --no-index --find-links .whl/gpu -
     && '$PY' -m pip install --no-index --find-links .whl/gpu --no-deps -r .whl/gpu/requirements-nodeps.txt \
     && '$PY' -m pip list"
 
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
     tests/test_device_merge.py "tests/test_methods.py::test_runs_on_cuda_like_on_cpu" \
     tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py tests/test_memory_tiers.py
 
 step bench 90 "$PY" scripts/bench_merge.py --device "$DEVICE" --dtype bfloat16 --repeats 5 --runs 1 \
     --work /tmp/evomerge-bench --out "$OUT/results/bench_merge_$DEVICE.md"
 
-step memory 130 "$PY" scripts/bench_memory.py --device "$DEVICE" --dtype bfloat16 --candidates 300 \
+step memory 160 "$PY" scripts/bench_memory.py --device "$DEVICE" --dtype bfloat16 --candidates 300 \
     --searches "ties (PS),dare_ties (PS)" --out "$OUT/results/bench_memory_$DEVICE.md"
 
 step search 60 bash -c "evomerge search preset=toy executor=serial optimizer=cmaes device=$DEVICE dtype=bfloat16 \
