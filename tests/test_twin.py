@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,6 +26,10 @@ def items(toy_world):
     # A few of each task: enough to train a router, quick enough for a unit test.
     every = task_items(TASKS, include_path=str(toy_world.tasks_dir))
     assert {item.task for item in every} == set(TASKS) and all(item.context for item in every)
+    # Exactly the text lm-eval scores: the prompt, then the target with its own leading space and no delimiter
+    # added (a second space is another token to a BPE tokenizer such as SmolLM2's).
+    first = json.loads((toy_world.tasks_dir / TASKS[0] / "test.jsonl").read_text().splitlines()[0])
+    assert (every[0].context, every[0].continuation) == (first["prompt"], first["target"])
     return [item for task in TASKS for item in [i for i in every if i.task == task][:12]]
 
 
@@ -70,6 +76,41 @@ def test_at_rank_0_the_twin_model_is_the_shared_model(toy_world, items, batch):
         real = mask[row].bool()
         alone = ids[row, real].unsqueeze(0)
         assert torch.equal(routed[row, real], logits_of(toy_world.base, alone, torch.ones_like(alone))[0])
+
+
+def tied_copy(path, out):
+    """The model at ``path`` with its LM head tied to its embeddings (as SmolLM2's), saved to ``out``."""
+    untied = AutoModelForCausalLM.from_pretrained(path)
+    config = untied.config
+    config.tie_word_embeddings = True
+    tied = type(untied)(config)
+    state = {name: t for name, t in untied.state_dict().items() if name != "lm_head.weight"}
+    tied.load_state_dict(state, strict=False)
+    tied.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out
+
+
+def test_tied_embeddings_route_the_head_with_the_embeddings(toy_world, items, batch, tmp_path):
+    # SmolLM2 ties its LM head to its embeddings: the checkpoint has no lm_head.weight, and each row's head
+    # must be its routed embedding matrix, or a one-hot router gives the shared head, not the expert's.
+    base = tied_copy(toy_world.base, tmp_path / "base")
+    tied = [str(tied_copy(path, tmp_path / f"expert{i}")) for i, path in enumerate(experts(toy_world))]
+    twin, summary = twin_from_shared(base, tied, items, energy=1.0)
+    assert "lm_head.weight" not in twin.config.twin_ranks and "model.embed_tokens.weight" in twin.config.twin_ranks
+    ids, mask = batch
+    real = mask.bool()
+    with torch.no_grad():
+        for expert, path in enumerate(tied):
+            one_hot = torch.nn.functional.one_hot(torch.tensor([expert, expert]), 2).float()
+            routed = twin.forward_routed(ids, mask, one_hot)
+            torch.testing.assert_close(routed[real], logits_of(path, ids, mask)[real], atol=2e-4, rtol=0)
+        recipe = Recipe(method="linear", models=tuple(ModelEntry(model=path) for path in tied))
+        out = write_twin(twin, AutoTokenizer.from_pretrained(base), recipe, summary, tmp_path / "twin")
+        reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert reloaded.config.tie_word_embeddings
+        before, after = (m(input_ids=ids, attention_mask=mask).logits for m in (twin, reloaded))
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=0)
 
 
 def test_the_router_is_the_same_from_the_same_seed():

@@ -1,7 +1,7 @@
 """The router's training and test items: (task, context, continuation) read from lm-eval task configs.
 
-The one place evomerge.twin touches lm-eval's task objects (``doc_to_text``, ``doc_to_target``,
-``config.target_delimiter``, ``eval_docs``); tests/test_twin.py reads the toy tasks through it, so a
+The one place evomerge.twin touches lm-eval's task objects (``get_config``, ``build_all_requests``,
+``instances``); tests/test_twin.py reads the toy tasks through it, so a
 release that changes them fails there loudly."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def task_items(names: list[str], *, include_path: str | None) -> list[TaskItem]:
                 f"task '{name}' is a {kind} task; the Twin router learns from loglikelihood tasks' targets",
                 "train the router on loglikelihood tasks (the run's own tasks, or --tasks NAMES)",
             )
-        delimiter = task.config.target_delimiter
-        items += [TaskItem(name, task.doc_to_text(doc), delimiter + task.doc_to_target(doc)) for doc in task.eval_docs]
+        # lm-eval's own requests, not doc_to_text + target_delimiter + doc_to_target: a loglikelihood request
+        # has no delimiter (lm-eval 0.4.13), and with one a BPE tokenizer reads "  five" as two other tokens.
+        task.build_all_requests()
+        items += [TaskItem(name, *instance.arguments) for instance in task.instances]
     return items
