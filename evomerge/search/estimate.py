@@ -140,7 +140,7 @@ class Estimate:
             if i in finished:
                 yield i, finished[i]
             elif outcome.item_values is None:
-                yield i, Outcome(metrics=None, error=outcome.error, seconds=outcome.seconds)
+                yield i, outcome  # it failed: logged and ranked worst as it came
             else:
                 yield (
                     i,
