@@ -111,6 +111,7 @@ class EstimateConfig:
     anchors: int = 100  # anchor items each candidate is scored on (tinyBenchmarks: 100 per task)
     dims: int = 2  # the IRT model's ability dimensions
     seed: int = 0  # the fit's and the anchor clustering's seed
+    refit: bool = True  # fit again after each generation on its best (scored on every item) too
 
 
 class ExecutorKind(str, Enum):

@@ -1,12 +1,15 @@
 """Estimated fitness against scoring every item: how many items a search scores until its best's held-out
 score reaches that of a search which scores every item (issue 17's measure), per seed.
 
-    python scripts/fitness_cost.py --world toy --anchors 10 --seeds 0 1 2 -- budget.evaluations=96
-    python scripts/fitness_cost.py --world smollm --anchors 8 --seeds 0 1 2 -- budget.evaluations=96
+    python scripts/fitness_cost.py --world toy --anchors 10 20 --irt-evaluations 96 128 \
+        --fit refitted "fitted once" --seeds 0 1 2 -- budget.evaluations=96
+    python scripts/fitness_cost.py --world smollm --anchors 8 --irt-evaluations 96 104 \
+        --fit refitted "fitted once" --seeds 0 1 2 -- budget.evaluations=96
 
 Two CMA-ES searches per seed (generations of 8) on the world's objective (`combined`): one scores every
 item of its task, one scores each candidate on the IRT anchors only (`estimate.enabled`, evomerge/search/
-estimate.py), fitted on the base's and experts' full results (those items are counted too). Both score
+estimate.py), fitted on the base's and experts' full results (those items are counted too), and with
+`--fit refitted` fitted again after each generation on its best, scored on every item. All score
 only the objective's task. Each time a search finds a new best scored on every item, that recipe is
 merged to disk and scored on the task's held-out twin: the curve of held-out score against items scored
 so far. The target is the every-item searches' mean final held-out score less their spread (one
@@ -78,6 +81,13 @@ def main() -> None:
         default=None,
         help="the IRT searches' candidates (default: as every item)",
     )
+    parser.add_argument(
+        "--fit",
+        choices=["refitted", "fitted once"],
+        nargs="+",
+        default=["refitted"],
+        help="IRT fitted again after each generation (estimate.refit, the default) or once on the endpoints",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generation-size", type=int, default=8)
     parser.add_argument("--work", type=Path, default=None, help="default: /tmp/evomerge-fitness-<world>")
@@ -96,9 +106,11 @@ def main() -> None:
     arms = {EVERY: []}
     for evaluations in args.irt_evaluations or [None]:
         budget = [] if evaluations is None else [f"budget.evaluations={evaluations}"]
-        for k in args.anchors:
-            name = f"IRT, {k} anchors" + ("" if evaluations is None else f", {evaluations} candidates")
-            arms[name] = ["estimate.enabled=true", f"estimate.anchors={k}", *budget]
+        for refit in args.fit:
+            for k in args.anchors:
+                name = f"IRT {refit}, {k} anchors" + ("" if evaluations is None else f", {evaluations} candidates")
+                extra = [f"estimate.refit={str(refit == 'refitted').lower()}", f"estimate.anchors={k}", *budget]
+                arms[name] = ["estimate.enabled=true", *extra]
 
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for seed in args.seeds:
@@ -122,7 +134,8 @@ def main() -> None:
         f"held-out score on {held_out}. CMA-ES in generations of {args.generation_size}, seeds {args.seeds}: "
         f"{every_budget} candidates per every-item search, {irt_budgets} per IRT search. IRT: fitted on the base "
         "and the experts' results on every item (counted), each candidate scored on the anchors, each "
-        "generation's best estimate on every item.",
+        "generation's best estimate on every item; 'refitted' fits again after each generation on those bests "
+        "too (estimate.refit, no extra items), 'fitted once' does not.",
         "",
         f"Target: the every-item searches' final held-out score, {statistics.mean(finals):.4f} ± {spread:.4f} "
         f"(mean ± sd over seeds), less its sd: {target:.4f}.",

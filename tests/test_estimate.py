@@ -11,7 +11,7 @@ import pytest
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.irt import AnchorEstimator
 from evomerge.executor.worker import Outcome
-from evomerge.search.estimate import ESTIMATE_SUFFIX, FIT_FILE, Estimate, estimator_error
+from evomerge.search.estimate import ESTIMATE_SUFFIX, FIT_FILE, Estimate, Fit, estimator_error
 from evomerge.search.run_folder import RunFolder
 from tests.test_racing import toy_racing_config
 from tests.test_search_loop import fitness, search
@@ -24,9 +24,22 @@ def answers(p: float) -> list[float]:
     return [float(t < p) for t in THRESHOLDS]
 
 
+ENDPOINTS = [answers(0.2), answers(0.5), answers(0.8)]  # three endpoints right on 20%, 50% and 80% of the items
+
+
 def estimator(anchors: int = 20) -> AnchorEstimator:
-    """Fitted on three endpoints right on 20%, 50% and 80% of the items."""
-    return AnchorEstimator.fit([answers(0.2), answers(0.5), answers(0.8)], n_anchors=anchors, dims=1, seed=0)
+    return AnchorEstimator.fit(ENDPOINTS, n_anchors=anchors, dims=1, seed=0)
+
+
+class P(float):
+    """A hand-built candidate: its number is the share of items it gets right; its key is that number."""
+
+    def canonical(self) -> str:
+        return repr(float(self))
+
+
+def fit(*, refit: bool, path=None) -> Fit:
+    return Fit.of(ENDPOINTS, n_anchors=20, dims=1, seed=0, refit=refit, path=path)
 
 
 class PositionScorer:
@@ -49,13 +62,13 @@ class PositionScorer:
 def test_every_candidate_sees_the_anchors_and_the_best_estimate_every_item():
     fitted = estimator()
     scorer = PositionScorer()
-    estimate = Estimate(score_items=scorer, metric="toy/acc", estimator=fitted, total=ITEMS)
+    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fit(refit=False), total=ITEMS)
     outcomes = dict(estimate([0.3, 0.7, 0.45]))
     k = len(fitted.anchors)
     assert scorer.calls == [(0.3, k), (0.7, k), (0.45, k), (0.7, ITEMS - k)]
     best = outcomes[1]
     assert best.metrics["toy/acc"] == sum(answers(0.7)) / ITEMS  # the real accuracy, from every item
-    assert len(best.item_values) == ITEMS and sorted(best.item_values) == sorted(answers(0.7))
+    assert best.item_values == answers(0.7)  # in item order
     # Three fitted endpoints pin the items only roughly: the estimate lands within 0.15 (0.10 here).
     assert abs(best.metrics["toy/acc" + ESTIMATE_SUFFIX] - best.metrics["toy/acc"]) < 0.15
     for i, p in ((0, 0.3), (2, 0.45)):
@@ -65,17 +78,55 @@ def test_every_candidate_sees_the_anchors_and_the_best_estimate_every_item():
         assert abs(outcomes[i].metrics["toy/acc"] - p) < 0.15
 
 
-def estimated_search(path, scorer):
-    evaluate = Estimate(score_items=scorer, metric="toy/acc", estimator=estimator(), total=ITEMS)
+def test_refit_learns_each_generations_best_on_every_item():
+    fitted = fit(refit=True)
+    estimate = Estimate(score_items=PositionScorer(), metric="toy/acc", fit=fitted, total=ITEMS)
+    first = fitted.estimator
+    dict(estimate([P(0.3), P(0.7), P(0.45)]))
+    assert fitted.record["learned"] == [{"key": "0.7", "values": answers(0.7)}]
+    again = AnchorEstimator.fit([*ENDPOINTS, answers(0.7)], n_anchors=20, dims=1, seed=0)
+    assert fitted.estimator.state() == again.state() and again.state() != first.state()
+    scorer = PositionScorer()
+    outcomes = dict(Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS)([P(0.6)]))
+    # The next generation is scored on the new fit's anchors: all of them, then every other item.
+    assert scorer.calls == [(0.6, len(again.anchors)), (0.6, ITEMS - len(again.anchors))]
+    assert outcomes[0].metrics["toy/acc" + ESTIMATE_SUFFIX] == again.estimate([answers(0.6)[a] for a in again.anchors])
+    not_refitted = fit(refit=False)
+    dict(Estimate(score_items=PositionScorer(), metric="toy/acc", fit=not_refitted, total=ITEMS)([0.3, 0.7]))
+    assert not_refitted.record["learned"] == [] and not_refitted.estimator.state() == first.state()
+
+
+def test_refit_tells_items_apart_where_every_endpoint_fails():
+    """The case refit is for: endpoints right on 0%, 2% and 4% of the items (a skill none of them has) pin
+    nothing, so a fit on them alone misjudges a candidate right on 60% (by 0.42); fitted again on one
+    candidate scored on every item (right on 40%), it misses by less than a third of that (0.12)."""
+    endpoints = [answers(0.0), answers(0.02), answers(0.04)]
+    once = Fit.of(endpoints, n_anchors=10, dims=1, seed=0, refit=True)
+    truth = sum(answers(0.6)) / ITEMS
+    far = abs(once.estimator.estimate([answers(0.6)[a] for a in once.estimator.anchors]) - truth)
+    once.learn(P(0.4), answers(0.4))
+    near = abs(once.estimator.estimate([answers(0.6)[a] for a in once.estimator.anchors]) - truth)
+    assert far > 0.3 and near < 0.15, (far, near)
+
+
+def estimated_search(path, scorer, *, refit=False):
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / FIT_FILE).exists():
+        fitted = Fit.read(path, n_anchors=20, dims=1, seed=0, refit=refit)
+    else:
+        fitted = fit(refit=refit, path=path / FIT_FILE)
+        fitted.write()
+    evaluate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS)
     return search(path, evaluate, evaluations=32)
 
 
-def test_a_killed_estimated_search_resumes_to_the_identical_log(tmp_path):
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_killed_estimated_search_resumes_to_the_identical_log(tmp_path, refit):
     def p_of(recipe):
         return min(1.0, 1 + fitness(recipe))
 
     straight = PositionScorer(p_of)
-    state = estimated_search(tmp_path / "straight", straight)
+    state = estimated_search(tmp_path / "straight", straight, refit=refit)
     rows = RunFolder(tmp_path / "straight").read_evaluations()
     assert len(rows) == 32
     full = [row for row in rows if row["items"] == [ITEMS, ITEMS]]
@@ -84,11 +135,14 @@ def test_a_killed_estimated_search_resumes_to_the_identical_log(tmp_path):
     assert rows[state.best.index]["items"] == [ITEMS, ITEMS]
     assert estimator_error(rows, "toy/acc")[2] == 4
     with pytest.raises(KeyboardInterrupt):
-        estimated_search(tmp_path / "crashed", PositionScorer(p_of, crash_after=len(straight.calls) // 2))
+        estimated_search(tmp_path / "crashed", PositionScorer(p_of, crash_after=len(straight.calls) // 2), refit=refit)
     crashed = RunFolder(tmp_path / "crashed")
     assert 0 < len(crashed.read_evaluations()) < 32
-    estimated_search(tmp_path / "crashed", PositionScorer(p_of))
+    estimated_search(tmp_path / "crashed", PositionScorer(p_of), refit=refit)
     assert crashed.read_evaluations() == rows
+    learned = json.loads((tmp_path / "straight" / FIT_FILE).read_text())["learned"]
+    assert len(learned) == (4 if refit else 0)
+    assert json.loads((tmp_path / "crashed" / FIT_FILE).read_text())["learned"] == learned
 
 
 def test_an_estimated_search_on_the_toy_world(toy_world, tmp_path, capsys):
@@ -116,9 +170,11 @@ def test_an_estimated_search_on_the_toy_world(toy_world, tmp_path, capsys):
     full = Worker(WorkerSpec(template=best, tasks=task_set(cfg))).evaluate(best)
     assert state.best.metrics["toy_math/acc"] == pytest.approx(full.metrics["toy_math/acc"], abs=1e-12)
     assert "estimated fitness: |IRT estimate - accuracy on every item|" in capsys.readouterr().out
-    written = (run_dir / FIT_FILE).stat().st_mtime_ns
+    assert [entry["key"] for entry in fit["learned"]] == [row["key"] for row in rows if row["items"][0] == total]
     resume(run_dir, ["budget.evaluations=8"], force=True)
-    assert (run_dir / FIT_FILE).stat().st_mtime_ns == written
+    again = json.loads((run_dir / FIT_FILE).read_text())
+    assert again["responses"] == fit["responses"] and again["learned"][: len(fit["learned"])] == fit["learned"]
+    assert len(again["learned"]) == len(fit["learned"]) + 1  # the resumed generation's best
     assert "scoring" not in capsys.readouterr().out.split("IRT fitted")[0]  # read from the run folder
 
 

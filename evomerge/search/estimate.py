@@ -3,7 +3,9 @@ accuracy on every item is estimated by item-response theory (evaluate/irt.py, ti
 
 At the start of a run, the base and every expert are scored on every item of the task, once; the IRT
 model is fitted on those results and its anchors chosen (``estimate.anchors`` items). Both are cached in
-the run folder (``irt.json``), so a resumed run reads them instead of scoring the endpoints again.
+the run folder (``irt.json``), so a resumed run reads them instead of scoring the endpoints again. With
+``estimate.refit`` (the default), the model is fitted again after each generation on every candidate
+scored on every item so far as well (``Fit``), at no cost in items.
 
 In each generation every candidate is scored on the anchors and the optimizer is told its estimate. The
 generation's best estimate is then scored on the task's other items as well, and the optimizer is told
@@ -30,6 +32,7 @@ from evomerge.io.locate import resolve_model
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 from evomerge.search.racing import ScoreItems
+from evomerge.search.run_folder import RunFolder
 
 FIT_FILE = "irt.json"
 ESTIMATE_SUFFIX = "@estimate"
@@ -71,15 +74,14 @@ def fitted_estimator(
     anchors: int,
     dims: int,
     seed: int,
+    refit: bool,
     device: str,
     dtype: str,
-) -> tuple[AnchorEstimator, dict]:
-    """The run's estimator, from ``irt.json`` when an earlier start wrote it, else fitted now (and written).
-    Also returns what the file records: the endpoints' responses and how many items fitting scored."""
+) -> Fit:
+    """The run's fit, from ``irt.json`` when an earlier start wrote it, else fitted now (and written)."""
     path = run_dir / FIT_FILE
     if path.exists():
-        record = json.loads(path.read_text())
-        return AnchorEstimator.from_state(record["estimator"]), record
+        return Fit.read(run_dir, n_anchors=anchors, dims=dims, seed=seed, refit=refit)
     models = endpoints(template)
     responses = []
     for ref in models:
@@ -92,48 +94,104 @@ def fitted_estimator(
                 f"set estimate.anchors below {len(responses[0])} (tinyBenchmarks uses about 100 of 1,000+ items; "
                 "on a task of ~100 items, 10 to 20), or estimate.enabled=false",
             )
-    estimator = AnchorEstimator.fit(responses, n_anchors=anchors, dims=dims, seed=seed)
-    record = {
-        "metric": metric,
-        "models": models,
-        "responses": responses,
-        "items_scored": sum(len(row) for row in responses),
-        "estimator": estimator.state(),
-    }
-    atomic_write_text(path, json.dumps(record))  # a kill while writing leaves no half file: the next start fits again
-    return estimator, record
+    fit = Fit.of(responses, n_anchors=anchors, dims=dims, seed=seed, refit=refit, path=path)
+    fit.record |= {"metric": metric, "models": models, "items_scored": sum(len(row) for row in responses)}
+    fit.write()  # a kill while writing leaves no half file: the next start fits again
+    return fit
+
+
+class Fit:
+    """The IRT model a generation's candidates are estimated with.
+
+    It is fitted on the endpoints' full results, and with ``refit`` also on every candidate scored on every
+    item since (each generation's best estimate), in the order they were scored: fitted again, anchors
+    chosen again, after each. Those candidates cost no extra items, and unlike the endpoints they vary on
+    the task: a merge's objective is often a skill no endpoint has, and a fit on endpoints that all fail
+    the task cannot tell its items apart (results/fitness_cost_smollm.md). The fit is a deterministic
+    function of its results, so a resumed run fits the same model from ``irt.json``.
+    """
+
+    def __init__(self, *, path: Path | None, record: dict, settings: dict, refit: bool) -> None:
+        self.path = path
+        self.record = record
+        self.settings = settings
+        self.refit = refit
+        self.estimator = self._fitted()
+
+    @classmethod
+    def of(cls, responses, *, n_anchors: int, dims: int, seed: int, refit: bool, path: Path | None = None) -> Fit:
+        """A fit on the endpoints' full results (a models x items list); ``write`` puts it at ``path``."""
+        settings = {"n_anchors": n_anchors, "dims": dims, "seed": seed}
+        state = AnchorEstimator.fit(responses, **settings).state()
+        record = {"responses": [list(row) for row in responses], "estimator": state, "learned": []}
+        return cls(path=path, record=record, settings=settings, refit=refit)
+
+    @classmethod
+    def read(cls, run_dir: Path, *, n_anchors: int, dims: int, seed: int, refit: bool) -> Fit:
+        """The fit a run wrote (``irt.json``), less what it learned from candidates it never logged: a
+        process killed in between, whose resumed run scores (and learns) that generation again."""
+        path = run_dir / FIT_FILE
+        record = json.loads(path.read_text())
+        logged = {row["key"] for row in RunFolder(run_dir).read_evaluations() if not row["cached"]}
+        record["learned"] = [entry for entry in record.get("learned", []) if entry["key"] in logged]
+        return cls(path=path, record=record, settings={"n_anchors": n_anchors, "dims": dims, "seed": seed}, refit=refit)
+
+    def learn(self, candidate: Candidate, values: list[float]) -> None:
+        """A candidate's results on every item: with ``refit``, fitted again on them too (and written)."""
+        if not self.refit:
+            return
+        self.record["learned"].append({"key": candidate.canonical(), "values": values})
+        self.estimator = self._fitted()
+        self.write()
+
+    def write(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.record))
+
+    def _fitted(self) -> AnchorEstimator:
+        learned = [entry["values"] for entry in self.record["learned"]] if self.refit else []
+        if not learned:
+            return AnchorEstimator.from_state(self.record["estimator"])
+        return AnchorEstimator.fit(self.record["responses"] + learned, **self.settings)
 
 
 class Estimate:
     """The search loop's ``evaluate``: anchors for every candidate, every item for the generation's best
     estimate; yields the outcomes once the generation is done (see the module docstring)."""
 
-    def __init__(self, *, score_items: ScoreItems, metric: str, estimator: AnchorEstimator, total: int) -> None:
+    def __init__(self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int) -> None:
         self.score_items = score_items
         self.metric = metric
-        self.estimator = estimator
-        self.anchors = tuple(int(i) for i in estimator.anchors)
-        self.rest = tuple(sorted(set(range(total)) - set(self.anchors)))
+        self.fit = fit
+        self.total = total
 
     def __call__(self, recipes: list[Candidate]) -> Iterator[tuple[int, Outcome]]:
-        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=self.anchors)))
-        estimates = {
-            i: self.estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None
-        }
+        estimator = self.fit.estimator
+        anchors = tuple(int(i) for i in estimator.anchors)
+        rest = tuple(sorted(set(range(self.total)) - set(anchors)))
+        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=anchors)))
+        estimates = {i: estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None}
         finished = {}
         if estimates:
             best = max(estimates, key=lambda i: (estimates[i], -i))  # the earliest of equal estimates
-            ((_, rest),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=self.rest))
-            if rest.item_values is None:
-                finished[best] = Outcome(metrics=None, error=rest.error, seconds=outcomes[best].seconds + rest.seconds)
+            ((_, others),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=rest))
+            if others.item_values is None:
+                finished[best] = Outcome(
+                    metrics=None, error=others.error, seconds=outcomes[best].seconds + others.seconds
+                )
             else:
-                values = outcomes[best].item_values + rest.item_values
+                values = [0.0] * self.total  # in item order, as the fit's responses are
+                for position, value in zip(
+                    anchors + rest, outcomes[best].item_values + others.item_values, strict=True
+                ):
+                    values[position] = value
+                self.fit.learn(recipes[best], values)
                 finished[best] = Outcome(
                     metrics={self.metric: sum(values) / len(values), self.metric + ESTIMATE_SUFFIX: estimates[best]},
                     error=None,
-                    seconds=outcomes[best].seconds + rest.seconds,
+                    seconds=outcomes[best].seconds + others.seconds,
                     item_values=values,
-                    items_total=rest.items_total,
+                    items_total=others.items_total,
                 )
         for i in range(len(recipes)):
             outcome = outcomes[i]

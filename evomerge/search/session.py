@@ -192,7 +192,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         )
         metric = next(iter(objectives[0]["terms"]))
         if cfg.estimate.enabled:  # before the workers start: it loads each endpoint model once, on the device
-            estimator, fit = fitted_estimator(
+            fit = fitted_estimator(
                 run.path,
                 template,
                 spec.tasks,
@@ -200,13 +200,17 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 anchors=cfg.estimate.anchors,
                 dims=cfg.estimate.dims,
                 seed=cfg.estimate.seed,
+                refit=cfg.estimate.refit,
                 device=cfg.device,
                 dtype=str(cfg.dtype),
             )
+            record = fit.record
             print(
-                f"evomerge: estimated fitness: IRT fitted on {len(fit['models'])} models x "
-                f"{len(fit['responses'][0])} items of {metric} ({fit['items_scored']} items scored, {FIT_FILE}); "
-                f"each candidate is scored on {len(estimator.anchors)} anchors",
+                f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
+                f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
+                + (f" and {len(record['learned'])} candidates" if fit.refit else "")
+                + f"; each candidate is scored on {len(fit.estimator.anchors)} anchors"
+                + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
         executor = build_executor(cfg.executor, spec)
@@ -215,8 +219,8 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         )
         evaluate = executor.evaluate
         if cfg.estimate.enabled:
-            total = len(fit["responses"][0])
-            evaluate = Estimate(score_items=executor.evaluate, metric=metric, estimator=estimator, total=total)
+            total = len(fit.record["responses"][0])
+            evaluate = Estimate(score_items=executor.evaluate, metric=metric, fit=fit, total=total)
         if cfg.racing.enabled:
             evaluate = Race(
                 score_items=executor.evaluate,
