@@ -2,7 +2,8 @@
 
 The model is the multidimensional 2PL of tinyBenchmarks (Polo et al., arXiv 2402.14992): model ``m``
 answers item ``i`` correctly with probability ``sigmoid(theta_m . alpha_i - beta_i)``. It is fitted
-once on the full per-item results of the base and the experts, anchors are picked by clustering the
+on the full per-item results of the base and the experts (and of the candidates a search has scored on
+every item since: ``estimate.refit``, search/estimate.py), anchors are picked by clustering the
 items' fitted parameters, and a candidate's accuracy is the gp-IRT blend of its weighted anchor
 accuracy with the p-IRT prediction on the items it did not answer.
 
