@@ -4,7 +4,7 @@
 # preinstalled; nothing else of ours).
 #
 #   bash scripts/gpu_wheels.sh                       # here, with network: the other wheels into .whl/gpu
-#   evomerge toy build, then copy its base, lang, math, tasks and BUILD_COMPLETE.json into
+#   evomerge toy build, then copy its models/{base,lang,math}, tasks and BUILD_COMPLETE.json into
 #     .cache/gpu-world/toy/full-seed0-v4/ (its task files' absolute paths are rewritten there)
 #   bash scripts/gpu_check.sh OUT [cuda|cpu]         # there: writes OUT/steps.md, OUT/*.log, OUT/results/
 # Carry .whl/gpu and .cache/gpu-world (60 MiB together). Without a carried world, the memory and search steps
