@@ -87,9 +87,9 @@ step memory 160 "$PY" scripts/bench_memory.py --device "$DEVICE" --dtype bfloat1
     --searches "ties (PS),dare_ties (PS)" --out "$OUT/results/bench_memory_$DEVICE.md"
 
 step search 60 bash -c "evomerge search preset=toy executor=serial optimizer=cmaes device=$DEVICE dtype=bfloat16 \
-    budget.evaluations=24 seed=1 run_dir=/tmp/evomerge-gpu-run \
-    && evomerge export /tmp/evomerge-gpu-run /tmp/evomerge-gpu-best \
-    && '$PY' -c \"from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('/tmp/evomerge-gpu-best'); print('reloaded', type(m).__name__, sum(p.numel() for p in m.parameters()))\""
+    budget.evaluations=24 seed=1 run_dir=$OUT/search-run \
+    && evomerge export $OUT/search-run $OUT/search-best \
+    && '$PY' -c \"from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('$OUT/search-best'); print('reloaded', type(m).__name__, sum(p.numel() for p in m.parameters()))\""
 
 echo "total $(($(date +%s) - began)) s" | tee -a "$OUT/steps.md"
 # One table of it all, beside the logs (commit it as results/gpu_check_<device>.md).
