@@ -73,7 +73,8 @@ def test_the_default_reserve_counts_kv_cache_logits_and_activations():
         "max_position_embeddings": 4096,
     }
     tokens = 8 * 2048  # batch 8 at lm-eval's default length, the context capped at 2048
-    kv, logits, activations = 2 * 2 * 2 * 16 * tokens * 2, tokens * 100 * 4, tokens * (4 * 64 + 2 * 128) * 2
+    # The logits in bfloat16 and their float32 log-softmax: 2 + 4 bytes per position and token of the vocabulary.
+    kv, logits, activations = 2 * 2 * 2 * 16 * tokens * 2, tokens * 100 * (2 + 4), tokens * (4 * 64 + 2 * 128) * 2
     assert default_reserve(config, dtype="bfloat16", batch_size=8, max_length=None) == kv + logits + activations
     assert (
         default_reserve(config, dtype="bfloat16", batch_size="auto", max_length=100)
@@ -140,13 +141,15 @@ def test_a_gpu_refusal_names_the_gpus_per_worker_that_would_fit(toy_world, monke
         {"base": str(toy_world.base), **{k: str(v) for k, v in toy_world.experts.items()}}, "ties", "float32"
     )
     entries = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(toy_world.base).state_dict().values())
-    # Resident with TIES' precompute: 4 copies of the model and 2 x 8 bytes per entry, 8 copies = 32 bytes an
-    # entry; a GPU with 3 bytes an entry free fits no tier (the disk tier's model alone takes 4), and 11 such
-    # GPUs hold 33 >= 32.
-    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: entries * 3)
-    monkeypatch.setattr("evomerge.executor.memory.precompute_bytes", lambda *a, **k: entries * 16)
-    with pytest.raises(SourcesDoNotFit, match="executor.gpus_per_worker=11 would hold it resident on 11 such GPUs"):
-        plan_memory(recipe, device=torch.device("cuda"), dtype="float32", reserve=0)
+    # Resident with TIES' precompute: 4 copies of the model and 2 x 8 bytes per entry = 32 bytes an entry, 16
+    # bytes an entry (less one byte) free on each GPU. Two such GPUs hold 32 in all, but not per GPU: the placement puts the
+    # embedding (111 x 32 = 3,552 entries) and layer 0 (10,304) on the first, layer 1, the norm (32) and the
+    # head (3,552) on the second: 13,888 of 27,744 entries, 32 bytes over. Three put layer 1 and the head on
+    # the last (a layer goes to floor(N x midpoint / total)); four hold 3,552 / 10,304 / 10,304 / 3,584 entries.
+    assert entries == 27_744
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: entries * 16 - 1)
+    with pytest.raises(SourcesDoNotFit, match="executor.gpus_per_worker=4 would hold it resident on 4 such GPUs"):
+        plan_memory(recipe, device=torch.device("cuda"), dtype="float32", reserve=0, tier="resident")
 
 
 def test_a_default_reserve_that_fits_no_tier_gives_way_and_the_plan_says_so(toy_world, monkeypatch):

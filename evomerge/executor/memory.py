@@ -1,11 +1,17 @@
-"""Will a worker's sources fit its device? Asked before loading, so a too-small device fails in a second
+"""Will a worker's sources fit its devices? Asked before loading, so a too-small device fails in a second
 with the numbers, instead of minutes later with an out-of-memory kill that reads like a crash.
+
+The plan works from shapes alone (a checkpoint's header, or a model built on torch's ``meta`` device), so
+a 70B plan needs no weights and no GPU (scripts/memory_plans.py). A model placed across several devices
+(``executor.gpus_per_worker``) is planned device by device: each holds its layers' share of the model,
+sources and precompute, and its part of the reserve (the float32 logits on the head's device), checked
+against that device's own free memory.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -13,30 +19,61 @@ import torch
 
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
+from evomerge.executor.placement import device_map, module_of
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.plan import validate
-from evomerge.materialize.sources import MergeSources
+from evomerge.materialize.sources import HEAD, MergeSources
+from evomerge.methods import MergeMethod
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
+
+Parts = dict[str, int]
+Option = tuple[str, bool, dict[str, Parts], Parts]  # tier, precompute, each device's parts, host parts
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """A model's tensor names and shapes, in its order, and its config: all a plan reads of it."""
+
+    shapes: dict[str, tuple[int, ...]]
+    config: dict
+
+    @classmethod
+    def of(cls, checkpoint) -> Shapes:
+        """A checkpoint's (its header: no tensor is read)."""
+        return cls({name: tuple(checkpoint.shape(name)) for name in checkpoint.names}, dict(checkpoint.config))
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module) -> Shapes:
+        """A built model's parameters, e.g. on the meta device. A tied head is the embedding, counted once
+        (``named_parameters`` lists a shared parameter once), as a tied checkpoint stores it."""
+        return cls({name: tuple(p.shape) for name, p in model.named_parameters()}, model.config.to_dict())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def entries(self, names: Sequence[str] | None = None) -> int:
+        return sum(math.prod(self.shapes[name]) for name in (self.names if names is None else names))
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
 
 
 def resident_bytes(template: Recipe | DataFlowRecipe, dtype: str) -> tuple[int, int]:
     """``(bytes, copies)`` a worker keeps resident. A PS worker holds the working model plus the base and
     every expert as the method reads them (task vectors or raw tensors), each a full copy of the model's
     tensors; a DFS worker holds each source model once (paths reference their layers, never copy them)."""
-    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     if isinstance(template, DataFlowRecipe):
         checkpoints = [Checkpoint.open(source) for source in template.sources]
-        elements = sum(_entries(checkpoint) for checkpoint in checkpoints)
-        return elements * itemsize, len(checkpoints)
+        return sum(Shapes.of(c).entries() for c in checkpoints) * _itemsize(dtype), len(checkpoints)
     sources = MergeSources.open(template, validate(template))
     copies = 1 + len(sources.all)
-    return _entries(sources.reference) * itemsize * copies, copies
-
-
-def _entries(checkpoint: Checkpoint) -> int:
-    """Entries in one copy of the model: every tensor of ``checkpoint``."""
-    return sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names)
+    return Shapes.of(sources.reference).entries() * _itemsize(dtype) * copies, copies
 
 
 def free_bytes(device: torch.device) -> int:
@@ -53,7 +90,7 @@ def precompute_bytes(template: Recipe | DataFlowRecipe, *, device: torch.device,
     if isinstance(template, DataFlowRecipe):
         return 0
     method = validate(template)
-    entries = _entries(MergeSources.open(template, method).reference)
+    entries = Shapes.of(MergeSources.open(template, method).reference).entries()
     return entries * method.precompute_bytes(device, torch_dtype(dtype), len(template.models))
 
 
@@ -67,34 +104,56 @@ TIERS = ("resident", "host", "disk")
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """A worker's memory tier and the bytes each part takes: on the device, and in host memory beside it."""
+    """A worker's memory tier and the bytes each part takes on each of its devices, and in host memory."""
 
     tier: str
     precompute: bool  # whether the method keeps its precompute (resident only)
-    device_parts: dict[str, int]
-    host_parts: dict[str, int]
-    device_free: int
+    shares: dict[str, Parts]  # device -> part -> bytes
+    host_parts: Parts
+    free: dict[str, int]  # device -> its free bytes
     host_free: int
 
     @property
-    def short(self) -> bool:
-        """Whether the headroom is below the reserve (a default reserve that did not fit)."""
-        return self.headroom < self.device_parts.get("reserve", 0)
+    def device_parts(self) -> Parts:
+        """Each part's bytes summed over the devices."""
+        total: Parts = {}
+        for parts in self.shares.values():
+            for name, value in parts.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    @property
+    def device_free(self) -> int:
+        return sum(self.free.values())
+
+    def headroom_on(self, device: str) -> int:
+        """What ``device`` keeps free for the KV cache and activations: its free memory less everything but
+        the reserve, which is the headroom's floor."""
+        return self.free[device] - sum(v for k, v in self.shares[device].items() if k != "reserve")
 
     @property
     def headroom(self) -> int:
-        """What the device keeps free for the KV cache and activations: its free memory less everything but
-        the reserve, which is the headroom's floor."""
-        return self.device_free - sum(v for k, v in self.device_parts.items() if k != "reserve")
+        """The least headroom of the worker's devices."""
+        return min(self.headroom_on(device) for device in self.shares)
 
-    def describe(self, device: torch.device) -> str:
-        parts = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.device_parts.items())
-        host = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.host_parts.items())
+    @property
+    def short(self) -> bool:
+        """Whether a device's headroom is below its reserve (a default reserve that did not fit)."""
+        return any(self.headroom_on(d) < parts.get("reserve", 0) for d, parts in self.shares.items())
+
+    def describe(self, device: torch.device | str) -> str:
         kept = " with the method's precompute" if self.precompute else ""
+        where = []
+        for name, parts in self.shares.items():
+            listed = ", ".join(f"{part} {value / 2**30:.2f} GiB" for part, value in parts.items())
+            where.append(
+                f"{listed}{'' if len(self.shares) == 1 else f' on {name}'}; headroom for KV cache and activations "
+                f"{self.headroom_on(name) / 2**30:.2f} GiB of {self.free[name] / 2**30:.2f} GiB free"
+            )
+        host = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.host_parts.items())
         return (
-            f"memory tier {self.tier}{kept} on {device}: "
-            f"{parts}{f'; in host memory: {host}' if host else ''}; headroom for KV cache and activations "
-            f"{self.headroom / 2**30:.2f} GiB of {self.device_free / 2**30:.2f} GiB free"
+            f"memory tier {self.tier}{kept} on {device}: {' | '.join(where)}"
+            f"{f'; in host memory: {host}' if host else ''}"
             + (
                 "; below the reserve: long batches may run out of memory (lower tasks.batch_size, set "
                 "tasks.model_args.max_length to the tasks' length, or set executor.reserve_bytes)"
@@ -106,8 +165,8 @@ class MemoryPlan:
 
 def tier_options(
     *, model: int, sources: int, precompute: int, stream: int, reserve: int, device_is_host: bool
-) -> list[tuple[str, bool, dict[str, int], dict[str, int]]]:
-    """Each way a worker can keep its sources, fastest first: ``(tier, precompute, device parts, host parts)``.
+) -> list[tuple[str, bool, Parts, Parts]]:
+    """Each way one device can keep its sources, fastest first: ``(tier, precompute, device parts, host parts)``.
 
     ``model``: the working model; ``sources``: every source copy the method reads; ``precompute``: what the
     method keeps to merge fast; ``stream``: one tensor's inputs (the largest), which the host and disk tiers
@@ -124,47 +183,66 @@ def tier_options(
     return [(tier, pre, {**device, "reserve": reserve}, host) for tier, pre, device, host in options]
 
 
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
 def choose_tier(
-    options: list[tuple[str, bool, dict[str, int], dict[str, int]]],
+    options: Sequence[Option] | Sequence[tuple[str, bool, Parts, Parts]],
     *,
-    device_free: int,
+    device_free: int | Mapping[str, int],
     host_free: int,
     forced: str = "auto",
     device: str = "the device",
 ) -> MemoryPlan:
-    """The first option that fits (of tier ``forced`` unless auto); else a one-paragraph refusal with each
-    tier's needs, naming the tier that would fit where one was forced."""
-    plans = [MemoryPlan(t, pre, dev, host, device_free, host_free) for t, pre, dev, host in options]
+    """The first option that fits every device (of tier ``forced`` unless auto); else a one-paragraph
+    refusal with each tier's needs, naming the tier that would fit where one was forced. One device's
+    options (``tier_options``) take its free bytes as a number."""
+    if not isinstance(device_free, Mapping):
+        device_free = {device: device_free}
+        options = [(tier, pre, {device: parts}, host) for tier, pre, parts, host in options]
+    plans = [MemoryPlan(t, pre, dict(shares), host, dict(device_free), host_free) for t, pre, shares, host in options]
     fitting = [
         plan
         for plan in plans
-        if sum(plan.device_parts.values()) <= device_free and sum(plan.host_parts.values()) <= host_free
+        if all(sum(parts.values()) <= plan.free[d] for d, parts in plan.shares.items())
+        and sum(plan.host_parts.values()) <= host_free
     ]
     chosen = [plan for plan in fitting if forced in ("auto", plan.tier)]
     if chosen:
         return chosen[0]
-    needs = "; ".join(
-        f"{plan.tier}{' with precompute' if plan.precompute else ''} needs {sum(plan.device_parts.values()) / 2**30:.2f} GiB"
-        + (f" there and {sum(plan.host_parts.values()) / 2**30:.2f} GiB of host memory" if plan.host_parts else "")
-        for plan in plans
-        if forced in ("auto", plan.tier)
-    )
+    many = len(device_free) > 1
+
+    def needs(plan: MemoryPlan) -> str:
+        on = ", ".join(f"{_gib(sum(parts.values()))}{f' on {d}' if many else ''}" for d, parts in plan.shares.items())
+        host = f" there and {_gib(sum(plan.host_parts.values()))} of host memory" if plan.host_parts else ""
+        return f"{plan.tier}{' with precompute' if plan.precompute else ''} needs {on}{host}"
+
+    free = ", ".join(f"{_gib(v)}{f' on {d}' if many else ''}" for d, v in device_free.items())
     other = f"executor.tier={fitting[0].tier} (or auto) fits; " if fitting else ""
     raise SourcesDoNotFit(
-        f"the worker on {device} fits no memory tier{'' if forced == 'auto' else f' of {forced}'}: {needs}; "
-        f"{device_free / 2**30:.2f} GiB are free there and {host_free / 2**30:.2f} GiB in host memory",
+        f"the worker on {device} fits no memory tier{'' if forced == 'auto' else f' of {forced}'}: "
+        + "; ".join(needs(plan) for plan in plans if forced in ("auto", plan.tier))
+        + f"; {free} {'are' if not many else 'is'} free there and {_gib(host_free)} in host memory",
         f"{other}use dtype=bfloat16 (half of float32), merge fewer models, lower executor.reserve_bytes, or run on "
         "a device with more free memory",
     )
 
 
-def default_reserve(config: dict, *, dtype: str, batch_size: int | str, max_length: int | None) -> int:
-    """Bytes for scoring one batch: the KV cache, the float32 logits lm-eval takes a log-softmax of, and one
-    layer's activations, for ``batch_size`` requests of ``max_length`` tokens (lm-eval's own default:
-    the model's context, capped at 2048). ``batch_size=auto`` counts one request: lm-eval then sizes its
-    batches to the memory left, so set ``executor.reserve_bytes`` if scoring needs more."""
-    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
-    length = max_length or min(int(config.get("max_position_embeddings") or 2048), 2048)
+def lm_eval_length(config: dict, max_length: int | None) -> int:
+    """The tokens lm-eval cuts a request to: ``tasks.model_args.max_length``, else the model's context capped
+    at 2048."""
+    return max_length or min(int(config.get("max_position_embeddings") or 2048), 2048)
+
+
+def reserve_parts(
+    config: dict, *, dtype: str, batch_size: int | str, length: int, logits_length: int | None = None
+) -> Parts:
+    """Bytes for scoring one batch of ``batch_size`` requests of ``length`` tokens: the KV cache, one layer's
+    activations, and the logits with their log-softmax (lm-eval's, float32 at most) of every position, or of
+    ``logits_length`` positions (generation keeps the last one's). ``batch_size=auto`` counts one request:
+    lm-eval then sizes its batches to the memory left, so set ``executor.reserve_bytes`` if scoring needs more."""
+    itemsize = _itemsize(dtype)
     batch = batch_size if isinstance(batch_size, int) else 1
     hidden, layers = int(config.get("hidden_size") or 0), int(config.get("num_hidden_layers") or 0)
     heads = int(config.get("num_attention_heads") or 1)
@@ -172,10 +250,168 @@ def default_reserve(config: dict, *, dtype: str, batch_size: int | str, max_leng
     kv_heads = int(config.get("num_key_value_heads") or heads)
     intermediate = int(config.get("intermediate_size") or 4 * hidden)
     tokens = batch * length
-    kv_cache = 2 * layers * kv_heads * head_dim * tokens * itemsize
-    logits = tokens * int(config.get("vocab_size") or 0) * 4
-    activations = tokens * (4 * hidden + 2 * intermediate) * itemsize
-    return kv_cache + logits + activations
+    positions = batch * (length if logits_length is None else logits_length)
+    return {
+        "KV cache": 2 * layers * kv_heads * head_dim * tokens * itemsize,
+        "logits": positions * int(config.get("vocab_size") or 0) * (itemsize + 4),
+        "activations": tokens * (4 * hidden + 2 * intermediate) * itemsize,
+    }
+
+
+def default_reserve(config: dict, *, dtype: str, batch_size: int | str, max_length: int | None) -> int:
+    """``reserve_parts`` in all, for requests of lm-eval's full length: the worst case."""
+    length = lm_eval_length(config, max_length)
+    return sum(reserve_parts(config, dtype=dtype, batch_size=batch_size, length=length).values())
+
+
+def requests_reserve(
+    config: dict, *, dtype: str, batch_size: int | str, max_length: int | None, scored: int | None, generated: int
+) -> Parts:
+    """``reserve_parts`` for the longest requests the tasks send (evaluate/request_lengths.py), each cut to
+    lm-eval's length: the larger of a batch of scored requests (every position's logits) and a batch of
+    generations (the last position's). ``scored`` None (a length unknown): full-length requests."""
+    cap = lm_eval_length(config, max_length)
+    common = dict(dtype=dtype, batch_size=batch_size)
+    kinds = [reserve_parts(config, **common, length=cap if scored is None else min(scored, cap))]
+    if generated:
+        kinds.append(reserve_parts(config, **common, length=min(generated, cap), logits_length=1))
+    return {part: max(kind[part] for kind in kinds) for part in kinds[0]}
+
+
+def reserve_on_devices(reserve: int | Parts, placement: Mapping[str, str], shapes: Shapes) -> dict[str, int]:
+    """Each device's part of the reserve. The KV cache sits with its layers (split by their count), one
+    layer's activations on each device that runs layers, the logits on the device of the head (a tied head
+    is the embedding). A reserve given as one number (``executor.reserve_bytes``) is kept on every device."""
+    devices = list(dict.fromkeys(placement.values()))
+    if isinstance(reserve, int):
+        return dict.fromkeys(devices, reserve)
+    layers = [placement[m] for m in dict.fromkeys(module_of(n) for n in shapes.names) if m.split(".")[-1].isdigit()]
+    head = placement[module_of(HEAD if HEAD in shapes.shapes else "model.embed_tokens.weight")]
+    share = dict.fromkeys(devices, 0)
+    for device in devices:
+        count = layers.count(device)
+        share[device] += reserve.get("KV cache", 0) * count // max(len(layers), 1)
+        share[device] += reserve.get("activations", 0) if count or len(devices) == 1 else 0
+    share[head] += reserve.get("logits", 0)
+    return share
+
+
+def tensor_devices(shapes: Shapes, devices: Sequence[str], *, itemsize: int) -> dict[str, str]:
+    """The device of each tensor: the placement's (executor/placement.py) across ``devices``."""
+    if len(set(devices)) == 1:
+        return dict.fromkeys(shapes.names, devices[0])
+    modules = device_map(shapes, devices, itemsize=itemsize)
+    return {name: modules[module_of(name)] for name in shapes.names}
+
+
+def spread_options(
+    shapes: Shapes,
+    *,
+    method: MergeMethod,
+    sources: int,
+    experts: int,
+    dtype: str,
+    devices: Sequence[str],
+    reserve: int | Parts,
+) -> list[Option]:
+    """``tier_options`` for each device's share of a PS worker's tensors: ``sources`` copies the method reads
+    (base and task vectors, or raw tensors), ``experts`` of them in its precompute."""
+    itemsize = _itemsize(dtype)
+    placed = tensor_devices(shapes, devices, itemsize=itemsize)
+    modules = {module_of(name): placed[name] for name in shapes.names}
+    if HEAD not in shapes.shapes:
+        modules["lm_head"] = placed.get("model.embed_tokens.weight", devices[-1])
+    reserves = reserve_on_devices(reserve, modules, shapes)
+    per_device = {}
+    for device in dict.fromkeys(placed.values()):
+        names = [name for name, where in placed.items() if where == device]
+        entries = shapes.entries(names)
+        kind = torch.device(device)
+        per_device[device] = tier_options(
+            model=entries * itemsize,
+            sources=entries * itemsize * sources,
+            precompute=entries * method.precompute_bytes(kind, torch_dtype(dtype), experts),
+            stream=max(math.prod(shapes.shape(name)) for name in names) * itemsize * sources,
+            reserve=reserves.get(device, 0),
+            device_is_host=kind.type == "cpu",
+        )
+    first = next(iter(per_device.values()))
+    options = []
+    for index, (tier, pre, _, _) in enumerate(first):
+        host: Parts = {}
+        for device_options in per_device.values():
+            for name, value in device_options[index][3].items():
+                host[name] = host.get(name, 0) + value
+        options.append((tier, pre, {d: opts[index][2] for d, opts in per_device.items()}, host))
+    return options
+
+
+def plan_shapes(
+    shapes: Shapes,
+    *,
+    method: MergeMethod,
+    sources: int,
+    experts: int,
+    dtype: str,
+    free: Mapping[str, int],
+    host_free: int,
+    reserve: int | Parts,
+    tier: str = "auto",
+    reserve_required: bool = True,
+) -> MemoryPlan:
+    """The tier a PS worker uses on the devices of ``free`` (device -> its free bytes, in placement order):
+    ``plan_memory`` from shapes alone. ``reserve_required`` false (the default reserve, a worst case of
+    full-length batches): where no tier fits with it, the fastest that fits without it is used and the
+    plan says the headroom is short."""
+    if tier not in ("auto", *TIERS):
+        raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
+    devices = list(free)
+    common = dict(method=method, sources=sources, experts=experts, dtype=dtype, devices=devices)
+    options = spread_options(shapes, **common, reserve=reserve)
+    where = devices[0] if len(devices) == 1 else "+".join(devices)
+    try:
+        return choose_tier(options, device_free=dict(free), host_free=host_free, forced=tier, device=where)
+    except SourcesDoNotFit as refusal:
+        if not reserve_required:
+            relaxed = spread_options(shapes, **common, reserve=0)
+            try:
+                plan = choose_tier(relaxed, device_free=dict(free), host_free=host_free, forced=tier, device=where)
+                reserves = {d: parts["reserve"] for d, parts in options[0][2].items()}
+                shares = {d: {**parts, "reserve": reserves[d]} for d, parts in plan.shares.items()}
+                return MemoryPlan(plan.tier, plan.precompute, shares, plan.host_parts, plan.free, plan.host_free)
+            except SourcesDoNotFit:
+                pass
+        if torch.device(devices[0]).type != "cuda" or not min(free.values()):
+            raise
+        count = gpus_needed(shapes, **common, reserve=reserve, free_each=min(free.values()))
+        hint = (
+            f"executor.gpus_per_worker={count} would hold it {options[0][0]} on {count} such GPUs; or " if count else ""
+        )
+        raise SourcesDoNotFit(refusal.problem, hint + refusal.fix[0].lower() + refusal.fix[1:]) from None
+
+
+def gpus_needed(
+    shapes: Shapes,
+    *,
+    method: MergeMethod,
+    sources: int,
+    experts: int,
+    dtype: str,
+    devices: Sequence[str],
+    reserve: int | Parts,
+    free_each: int,
+    most: int = 64,
+) -> int | None:
+    """The fewest GPUs with ``free_each`` bytes free that hold the fastest tier, the model placed across them
+    as a worker places it (so the reserve's logits on the last one count there); None past ``most``."""
+    for count in range(1, most + 1):
+        spread = [f"cuda:{i}" for i in range(count)]
+        options = spread_options(
+            shapes, method=method, sources=sources, experts=experts, dtype=dtype, devices=spread, reserve=reserve
+        )
+        if all(sum(parts.values()) <= free_each for parts in options[0][2].values()):
+            return count
+    return None
 
 
 def plan_memory(
@@ -183,56 +419,39 @@ def plan_memory(
     *,
     device: torch.device,
     dtype: str,
-    reserve: int,
+    reserve: int | Parts,
     tier: str = "auto",
     devices: Sequence[str] | None = None,
     reserve_required: bool = True,
+    host_free: int | None = None,
 ) -> MemoryPlan:
-    """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced). A
-    model placed across ``devices`` counts their free memory together: the placement balances bytes.
-
-    ``reserve_required`` false (the default reserve, a worst case of full-length batches): where no tier
-    fits with it, the fastest that fits without it is used and the plan says the headroom is short."""
-    if tier not in ("auto", *TIERS):
-        raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
-    resident, copies = resident_bytes(template, dtype)
-    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    """The tier a worker uses for ``template``'s sources on ``device`` (``tier``: auto, or one forced), its
+    model placed across ``devices`` where several are given. ``host_free``: the host memory this worker may
+    take (its share of a node's RAM; None: what the OS reports available)."""
+    host = psutil.virtual_memory().available if host_free is None else host_free
+    spanned = list(dict.fromkeys(str(torch.device(d)) for d in devices or [device]))
+    # A worker on a CPU given its share of host memory plans within it: host memory is its device's too.
+    free = {d: host if host_free is not None and d == "cpu" else free_bytes(torch.device(d)) for d in spanned}
     if isinstance(template, DataFlowRecipe):  # paths run the sources' own layers: they stay resident
-        options, tier = [("resident", False, {"sources": resident, "reserve": reserve}, {})], "auto"
-    else:
-        sources = MergeSources.open(template, validate(template))
-        model = resident // copies
-        largest = max(math.prod(sources.reference.shape(name)) for name in sources.reference.names)
-        options = tier_options(
-            model=model,
-            sources=resident - model,
-            precompute=precompute_bytes(template, device=device, dtype=dtype),
-            stream=largest * itemsize * len(sources.all),
-            reserve=reserve,
-            device_is_host=device.type == "cpu",
-        )
-    host = psutil.virtual_memory().available
-    spanned = sorted({torch.device(d) for d in devices or [device]}, key=str)
-    free = sum(free_bytes(d) for d in spanned)
-    where = str(device) if len(spanned) == 1 else "+".join(map(str, spanned))
-    try:
-        return choose_tier(options, device_free=free, host_free=host, forced=tier, device=where)
-    except SourcesDoNotFit as refusal:
-        if not reserve_required:
-            relaxed = [(t, pre, {**dev, "reserve": 0}, hst) for t, pre, dev, hst in options]
-            try:
-                plan = choose_tier(relaxed, device_free=free, host_free=host, forced=tier, device=where)
-                return MemoryPlan(**{**vars(plan), "device_parts": {**plan.device_parts, "reserve": reserve}})
-            except SourcesDoNotFit:
-                pass
-        if device.type != "cuda" or not free:
-            raise
-        # GPUs like these that would hold the fastest tier, the model placed across them (placement.py).
-        fastest = sum(options[0][2].values())
-        count = math.ceil(fastest * len(spanned) / free)
-        raise SourcesDoNotFit(
-            refusal.problem,
-            f"executor.gpus_per_worker={count} would hold it {options[0][0]} on {count} such GPUs; or "
-            + refusal.fix[0].lower()
-            + refusal.fix[1:],
-        ) from None
+        if tier not in ("auto", *TIERS):
+            raise EvomergeError(f"executor.tier={tier} is not a memory tier", f"use auto or one of {', '.join(TIERS)}")
+        total = reserve if isinstance(reserve, int) else sum(reserve.values())
+        options = [
+            ("resident", False, {spanned[0]: {"sources": resident_bytes(template, dtype)[0], "reserve": total}}, {})
+        ]
+        return choose_tier(options, device_free=free, host_free=host, device=spanned[0])
+    method = validate(template)
+    sources = MergeSources.open(template, method)
+    shapes = Shapes({n: sources.shape(n) for n in sources.reference.names}, sources.config)
+    return plan_shapes(
+        shapes,
+        method=method,
+        sources=len(sources.all),
+        experts=len(template.models),
+        dtype=dtype,
+        free=free,
+        host_free=host,
+        reserve=reserve,
+        tier=tier,
+        reserve_required=reserve_required,
+    )

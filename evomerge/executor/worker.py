@@ -19,7 +19,8 @@ import torch
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
-from evomerge.executor.memory import default_reserve, plan_memory
+from evomerge.evaluate.request_lengths import request_lengths
+from evomerge.executor.memory import plan_memory, requests_reserve
 from evomerge.executor.placement import device_map
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
@@ -40,7 +41,8 @@ class WorkerSpec:
     dtype: str = "float32"
     tier: str = "auto"  # where the sources are kept: auto (the fastest that fits), resident, host or disk
     gpus_per_worker: int = 1  # devices one worker's model spans (executor/placement.py)
-    reserve_bytes: int | None = None  # headroom for the KV cache and activations; None: default_reserve
+    reserve_bytes: int | None = None  # headroom for the KV cache and activations; None: from the tasks' requests
+    host_bytes: int | None = None  # host memory this worker may take (its share of its node's); None: all available
 
 
 @dataclass(frozen=True)
@@ -77,27 +79,38 @@ def _described(error: Exception, *, frames: int = 3) -> str:
 
 
 def _devices(device: torch.device, count: int) -> list[str]:
-    """The devices one worker spans: cuda:0 .. cuda:N-1 (its GPUs, as Ray numbers them inside an actor), or
-    the same CPU N times, where the placement code path runs without moving anything."""
+    """The devices one worker spans: ``count`` GPUs from the one named (cuda:1 with 2: cuda:1 and cuda:2;
+    inside a Ray actor its own GPUs, numbered from cuda:0), or the same CPU N times, where the placement
+    code path runs without moving anything."""
     if count < 1:
         raise EvomergeError(f"executor.gpus_per_worker={count}", "use 1 or more")
-    return [f"cuda:{i}" for i in range(count)] if device.type == "cuda" else [str(device)] * count
+    if device.type != "cuda":
+        return [str(device)] * count
+    first = device.index or 0
+    if first + count > torch.cuda.device_count():
+        raise EvomergeError(
+            f"device={device} with executor.gpus_per_worker={count} needs cuda:{first} to cuda:{first + count - 1}, "
+            f"but this machine has {torch.cuda.device_count()} GPU(s)",
+            "name a lower first device, or lower executor.gpus_per_worker",
+        )
+    return [f"cuda:{first + i}" for i in range(count)]
 
 
-def _reserve(spec: WorkerSpec) -> int:
-    """``spec.reserve_bytes``, or the default for scoring ``spec.tasks`` on the model the worker loads."""
+def _reserve(spec: WorkerSpec, folder) -> int | dict[str, int]:
+    """``spec.reserve_bytes``, or the parts of one batch of the longest requests ``spec.tasks`` send, tokenized
+    by the reference model's tokenizer in ``folder`` (a length unknown: full-length requests)."""
     if spec.reserve_bytes is not None:
         return spec.reserve_bytes
-    template = spec.template
-    if isinstance(template, DataFlowRecipe):
-        reference = template.sources[template.embedding_source]
-    else:
-        reference = template.base if template.base is not None else template.models[0].model
-    return default_reserve(
-        Checkpoint.open(reference).config,
+    from transformers import AutoTokenizer
+
+    lengths = request_lengths(spec.tasks, AutoTokenizer.from_pretrained(folder))
+    return requests_reserve(
+        Checkpoint.open(folder).config,
         dtype=spec.dtype,
         batch_size=spec.tasks.batch_size,
         max_length=spec.tasks.model_args.get("max_length"),
+        scored=lengths.scored,
+        generated=lengths.generated,
     )
 
 
@@ -117,22 +130,26 @@ class Worker:
                 "data-flow worker runs its sources' own layers on one device",
                 "use executor.gpus_per_worker=1 with genome=dfs or ps_dfs",
             )
+        if isinstance(template, DataFlowRecipe):
+            reference = template.sources[template.embedding_source]
+        else:
+            reference = template.base if template.base is not None else template.models[0].model
+        folder = resolve_model(reference).path  # a hub ID's cached snapshot
         self.memory = plan_memory(
             template,
             device=device,
             devices=devices,
             dtype=spec.dtype,
-            reserve=_reserve(spec),
+            reserve=_reserve(spec, folder),
             tier=spec.tier,
             reserve_required=spec.reserve_bytes is not None,
+            host_free=spec.host_bytes,
         )
         print(f"evomerge: {self.memory.describe(device)}", flush=True)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(template.sources[template.embedding_source]).path)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
-            reference = template.base if template.base is not None else template.models[0].model
-            folder = resolve_model(reference).path  # a hub ID's cached snapshot
             dtype = torch_dtype(spec.dtype)
             if len(devices) > 1:
                 placed = device_map(Checkpoint.open(folder), devices, itemsize=dtype.itemsize)
