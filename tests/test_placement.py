@@ -7,10 +7,13 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.executor.memory import Shapes, plan_memory, plan_shapes, reserve_on_devices
 from evomerge.executor.placement import device_map, module_of, place_modules
-from evomerge.executor.worker import Worker
+from evomerge.executor.worker import Worker, _devices
+from evomerge.methods import get_method
 from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
 from tests.test_executor_ray import recipe, spec  # noqa: F401  (spec is a fixture)
 
@@ -60,3 +63,92 @@ def test_a_data_flow_worker_does_not_span_devices(spec, toy_world):  # noqa: F81
     path = DataFlowRecipe(sources=(str(toy_world.base),), path=(PathStep(source=0, layer=0),), embedding_source=0)
     with pytest.raises(EvomergeError, match="gpus_per_worker=1 with genome=dfs"):
         Worker(dataclasses.replace(spec, template=path, gpus_per_worker=2))
+
+
+# A model small enough to place by hand: embedding and head of 1,000 entries, two layers of 1,000, a norm of 10.
+SHAPES = Shapes(
+    {
+        "model.embed_tokens.weight": (100, 10),
+        "model.layers.0.mlp.weight": (100, 10),
+        "model.layers.1.mlp.weight": (100, 10),
+        "model.norm.weight": (10,),
+        "lm_head.weight": (100, 10),
+    },
+    {"tie_word_embeddings": False},
+)
+
+
+@pytest.mark.parametrize(
+    ("free", "tier"),
+    [
+        # Layer 0 goes with the embedding (midpoint 1,500 of 4,010), layer 1 with the norm and head: 2,000 and
+        # 2,010 entries, 3 float32 copies each (model and two sources): 24,000 and 24,120 bytes. The logits'
+        # 10,000 sit on the head's device. 70,000 free in all holds the 58,120 needed, but only where the
+        # larger device holds the head: else that one takes the disk tier (8,040 + 8,000 + 10,000 = 26,040).
+        ({"cuda:1": 30_000, "cuda:2": 40_000}, "resident"),
+        ({"cuda:1": 40_000, "cuda:2": 30_000}, "disk"),
+    ],
+)
+def test_each_device_holds_its_share_and_the_head_holds_the_logits(free, tier):
+    reserve = {"KV cache": 600, "logits": 10_000, "activations": 50}
+    plan = plan_shapes(
+        SHAPES,
+        method=get_method("linear"),
+        sources=2,
+        experts=2,
+        dtype="float32",
+        free=free,
+        host_free=0,
+        reserve=reserve,
+    )
+    assert plan.tier == tier
+    assert {d: parts["reserve"] for d, parts in plan.shares.items()} == {
+        "cuda:1": 300 + 50,
+        "cuda:2": 300 + 50 + 10_000,
+    }
+    if tier == "resident":
+        assert plan.shares["cuda:1"] == {"model": 8_000, "sources": 16_000, "reserve": 350}
+        assert plan.shares["cuda:2"] == {"model": 8_040, "sources": 16_080, "reserve": 10_350}
+        assert plan.headroom_on("cuda:2") == 40_000 - 24_120 and not plan.short
+
+
+def test_a_tied_head_puts_the_logits_on_the_embeddings_device():
+    tied = Shapes({k: v for k, v in SHAPES.shapes.items() if k != "lm_head.weight"}, {"tie_word_embeddings": True})
+    placed = {
+        "model.embed_tokens": "cuda:0",
+        "model.layers.0": "cuda:0",
+        "model.layers.1": "cuda:1",
+        "model.norm": "cuda:1",
+    }
+    shares = reserve_on_devices(
+        {"KV cache": 600, "logits": 10_000, "activations": 50}, {**placed, "lm_head": "cuda:0"}, tied
+    )
+    assert shares == {"cuda:0": 300 + 50 + 10_000, "cuda:1": 300 + 50}
+    # A reserve the user gives as one number is kept on every device.
+    assert reserve_on_devices(7, {**placed, "lm_head": "cuda:0"}, tied) == {"cuda:0": 7, "cuda:1": 7}
+
+
+def test_a_worker_spans_the_gpus_from_the_one_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert _devices(torch.device("cuda:1"), 2) == ["cuda:1", "cuda:2"]
+    assert _devices(torch.device("cuda"), 2) == ["cuda:0", "cuda:1"]
+    assert _devices(torch.device("cpu"), 2) == ["cpu", "cpu"]
+    with pytest.raises(EvomergeError, match="needs cuda:3 to cuda:4, but this machine has 4 GPU"):
+        _devices(torch.device("cuda:3"), 2)
+
+
+def test_the_plan_asks_each_spanned_gpu_for_its_own_free_memory(toy_world, monkeypatch):
+    """cuda:1 with 2 GPUs per worker: cuda:1 and cuda:2 are asked, each checked against its own figure."""
+    from tests.test_executor_memory import recipe as memory_recipe
+
+    asked = []
+    free = {"cuda:1": 10**9, "cuda:2": 10**9}
+    monkeypatch.setattr(
+        "evomerge.executor.memory.free_bytes", lambda device: asked.append(str(device)) or free[str(device)]
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    template = memory_recipe(toy_world, "task_arithmetic")
+    plan = plan_memory(
+        template, device=torch.device("cuda:1"), devices=_devices(torch.device("cuda:1"), 2), dtype="float32", reserve=0
+    )
+    assert asked == ["cuda:1", "cuda:2"] and set(plan.shares) == {"cuda:1", "cuda:2"}
