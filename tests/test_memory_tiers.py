@@ -72,13 +72,13 @@ def test_the_default_reserve_counts_kv_cache_logits_and_activations():
         "vocab_size": 100,
         "max_position_embeddings": 4096,
     }
-    tokens = 8 * 2048  # batch 8 at lm-eval's default length, the context capped at 2048
+    tokens = 8 * 4096  # batch 8 at lm-eval's default length, the model's context
     # The logits in bfloat16 and their float32 log-softmax: 2 + 4 bytes per position and token of the vocabulary.
     kv, logits, activations = 2 * 2 * 2 * 16 * tokens * 2, tokens * 100 * (2 + 4), tokens * (4 * 64 + 2 * 128) * 2
     assert default_reserve(config, dtype="bfloat16", batch_size=8, max_length=None) == kv + logits + activations
     assert (
         default_reserve(config, dtype="bfloat16", batch_size="auto", max_length=100)
-        == (kv + logits + activations) // 8 // 2048 * 100
+        == (kv + logits + activations) // 8 // 4096 * 100
     )
 
 

@@ -230,9 +230,9 @@ def choose_tier(
 
 
 def lm_eval_length(config: dict, max_length: int | None) -> int:
-    """The tokens lm-eval cuts a request to: ``tasks.model_args.max_length``, else the model's context capped
-    at 2048."""
-    return max_length or min(int(config.get("max_position_embeddings") or 2048), 2048)
+    """The tokens lm-eval cuts a request to: ``tasks.model_args.max_length``, else the model's context (lm-eval
+    0.4's ``resolve_max_length``; 2,048 where the config names none)."""
+    return max_length or int(config.get("max_position_embeddings") or 2048)
 
 
 def reserve_parts(
