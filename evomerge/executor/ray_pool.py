@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.memory import SourcesDoNotFit
+from evomerge.executor.node_memory import size_pool
 from evomerge.executor.worker import DeviceFailure, Outcome, Worker, WorkerSpec
 from evomerge.recipe.recipe import Recipe
 
@@ -118,9 +119,13 @@ class RayExecutor:
         gpus = spec.gpus_per_worker if on_gpu else 0
         count = num_workers or _slots(on_gpu=on_gpu, threads=threads, gpus=gpus)
         _check_room(count, on_gpu=on_gpu, threads=threads, gpus=gpus)
+        # Workers on one node share its memory: sized per node before any loads (executor/node_memory.py).
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        count, spec, memory = size_pool(spec, count, explicit=num_workers is not None, nodes=nodes, threads=threads)
         actor_class = ray.remote(WorkerActor).options(
             num_cpus=threads,
             num_gpus=gpus,
+            memory=memory,
             max_restarts=-1,  # deaths are counted per candidate (max_tries), not per actor
             max_task_retries=0,  # a candidate that killed its worker is re-run by us, and counted
         )

@@ -96,16 +96,25 @@ def _devices(device: torch.device, count: int) -> list[str]:
     return [f"cuda:{first + i}" for i in range(count)]
 
 
-def _reserve(spec: WorkerSpec, folder) -> int | dict[str, int]:
+def reference_folder(template: Recipe | DataFlowRecipe):
+    """The folder of the model a worker loads (a hub ID's cached snapshot): the recipe's base, else its first
+    model; a data-flow recipe's embedding source."""
+    if isinstance(template, DataFlowRecipe):
+        return resolve_model(template.sources[template.embedding_source]).path
+    return resolve_model(template.base if template.base is not None else template.models[0].model).path
+
+
+def scoring_reserve(spec: WorkerSpec, folder) -> int | dict[str, int]:
     """``spec.reserve_bytes``, or the parts of one batch of the longest requests ``spec.tasks`` send, tokenized
     by the reference model's tokenizer in ``folder`` (a length unknown: full-length requests)."""
     if spec.reserve_bytes is not None:
         return spec.reserve_bytes
     from transformers import AutoTokenizer
 
+    config = Checkpoint.open(folder).config  # a folder that is not a model is refused here, in a sentence
     lengths = request_lengths(spec.tasks, AutoTokenizer.from_pretrained(folder))
     return requests_reserve(
-        Checkpoint.open(folder).config,
+        config,
         dtype=spec.dtype,
         batch_size=spec.tasks.batch_size,
         max_length=spec.tasks.model_args.get("max_length"),
@@ -130,17 +139,13 @@ class Worker:
                 "data-flow worker runs its sources' own layers on one device",
                 "use executor.gpus_per_worker=1 with genome=dfs or ps_dfs",
             )
-        if isinstance(template, DataFlowRecipe):
-            reference = template.sources[template.embedding_source]
-        else:
-            reference = template.base if template.base is not None else template.models[0].model
-        folder = resolve_model(reference).path  # a hub ID's cached snapshot
+        folder = reference_folder(template)
         self.memory = plan_memory(
             template,
             device=device,
             devices=devices,
             dtype=spec.dtype,
-            reserve=_reserve(spec, folder),
+            reserve=scoring_reserve(spec, folder),
             tier=spec.tier,
             reserve_required=spec.reserve_bytes is not None,
             host_free=spec.host_bytes,
