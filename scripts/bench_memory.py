@@ -126,19 +126,20 @@ def build_peak_world(root: Path) -> list[Path]:
     model_type, extra = FAMILIES["gemma3_text"]
     config = AutoConfig.for_model(model_type, **{**SIZES, **extra, **PEAK_MODEL})
     folders = [root / name for name in ("base", "expert1", "expert2", "expert3")]
+    if all(folder.exists() for folder in folders):
+        return folders
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for index, folder in enumerate(folders):
-        if not folder.exists():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.load_state_dict(base.state_dict())
-            with torch.no_grad():
-                generator = torch.Generator().manual_seed(index)
-                for param in model.parameters():
-                    param.add_(0.01 * index * torch.randn(param.shape, generator=generator))
-            model.save_pretrained(folder)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(Path(toy.base) / name, folder / name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(index)
+            for param in model.parameters():
+                param.add_(0.01 * index * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(toy.base) / name, folder / name)
     return folders
 
 

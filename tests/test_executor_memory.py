@@ -9,8 +9,10 @@ from evomerge.errors import EvomergeError
 from evomerge.executor.memory import plan_memory, precompute_bytes, resident_bytes
 from evomerge.recipe.recipe import Recipe
 
-# The tiny Llama's tensors hold 27,744 entries in all (tests/test_executor_ray.py works them out).
+# The tiny Llama's tensors hold 27,744 entries in all (tests/test_executor_ray.py works them out); the largest,
+# its embedding and head, 111 x 32.
 ENTRIES = 27_744
+LARGEST = 111 * 32
 
 
 def recipe(toy_world, method: str) -> Recipe:
@@ -43,7 +45,10 @@ def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_merge
     template = recipe(toy_world, "ties")
     sources, copies = resident_bytes(template, "float32")
     assert (sources, copies) == (ENTRIES * 4 * 4, 4)  # working model, base, two task vectors
-    needed = sources + 2 * ENTRIES * 8
+    # Beside what is kept, the largest tensor's 3 inputs as read, and its 2 task vectors' sorted magnitudes and
+    # orders before they are stacked with one sort's float32 keys and int64 order.
+    temporaries = LARGEST * 4 * 3
+    needed = sources + temporaries + 2 * ENTRIES * 8 + LARGEST * (2 * 8 + 12)
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
     plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
     assert (plan.tier, plan.precompute) == ("resident", False)

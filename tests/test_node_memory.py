@@ -12,18 +12,19 @@ from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.memory import plan_memory
 from evomerge.executor.node_memory import size_pool
 from evomerge.executor.worker import WorkerSpec
-from tests.test_executor_memory import ENTRIES, recipe
+from tests.test_executor_memory import ENTRIES, LARGEST, recipe
 
 
 @pytest.fixture
 def spec(toy_world) -> WorkerSpec:
     tasks = TaskSet(names=("toy_math",), include_path=str(toy_world.tasks_dir), limit=4)
     # TIES on a CPU, resident with its precompute: 4 float32 copies (working model, base, 2 task vectors) and
-    # 2 x (4 + 4) bytes of sorted magnitudes and orders per entry, 32 bytes an entry; no reserve.
+    # 2 x (4 + 4) bytes of sorted magnitudes and orders per entry, 32 bytes an entry, and the largest tensor's
+    # temporaries (tests/test_executor_memory.py); no reserve.
     return WorkerSpec(template=recipe(toy_world, "ties"), tasks=tasks, reserve_bytes=0)
 
 
-NEED = 32 * ENTRIES
+NEED = 32 * ENTRIES + LARGEST * 4 * 3 + LARGEST * (2 * 8 + 12)
 
 
 def test_a_cpu_pool_takes_the_workers_each_nodes_memory_holds(spec):

@@ -82,11 +82,12 @@ SHAPES = Shapes(
     ("free", "tier"),
     [
         # Layer 0 goes with the embedding (midpoint 1,500 of 4,010), layer 1 with the norm and head: 2,000 and
-        # 2,010 entries, 3 float32 copies each (model and two sources): 24,000 and 24,120 bytes. The logits'
-        # 10,000 sit on the head's device. 70,000 free in all holds the 58,120 needed, but only where the
-        # larger device holds the head: else that one takes the disk tier (8,040 + 8,000 + 10,000 = 26,040).
-        ({"cuda:1": 30_000, "cuda:2": 40_000}, "resident"),
-        ({"cuda:1": 40_000, "cuda:2": 30_000}, "disk"),
+        # 2,010 entries, 3 float32 copies each (model and two sources): 24,000 and 24,120 bytes, and 8,000 of
+        # temporaries (a 1,000-entry tensor's two inputs). The logits' 10,000 sit on the head's device. 90,000
+        # free in all holds the 74,820 needed, but only where the larger device holds the head: else that one
+        # takes the disk tier (model 8,040, streamed tensor 8,000, temporaries 8,000, reserve 10,350).
+        ({"cuda:1": 40_000, "cuda:2": 50_000}, "resident"),
+        ({"cuda:1": 50_000, "cuda:2": 40_000}, "disk"),
     ],
 )
 def test_each_device_holds_its_share_and_the_head_holds_the_logits(free, tier):
@@ -107,9 +108,9 @@ def test_each_device_holds_its_share_and_the_head_holds_the_logits(free, tier):
         "cuda:2": 300 + 50 + 10_000,
     }
     if tier == "resident":
-        assert plan.shares["cuda:1"] == {"model": 8_000, "sources": 16_000, "reserve": 350}
-        assert plan.shares["cuda:2"] == {"model": 8_040, "sources": 16_080, "reserve": 10_350}
-        assert plan.headroom_on("cuda:2") == 40_000 - 24_120 and not plan.short
+        assert plan.shares["cuda:1"] == {"model": 8_000, "sources": 16_000, "temporaries": 8_000, "reserve": 350}
+        assert plan.shares["cuda:2"] == {"model": 8_040, "sources": 16_080, "temporaries": 8_000, "reserve": 10_350}
+        assert plan.headroom_on("cuda:2") == 50_000 - 32_120 and not plan.short
 
 
 def test_a_tied_head_puts_the_logits_on_the_embeddings_device():

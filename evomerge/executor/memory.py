@@ -164,22 +164,34 @@ class MemoryPlan:
 
 
 def tier_options(
-    *, model: int, sources: int, precompute: int, stream: int, reserve: int, device_is_host: bool
+    *,
+    model: int,
+    sources: int,
+    precompute: int,
+    stream: int,
+    reserve: int,
+    device_is_host: bool,
+    temporaries: int = 0,
+    precompute_temporaries: int = 0,
 ) -> list[tuple[str, bool, Parts, Parts]]:
     """Each way one device can keep its sources, fastest first: ``(tier, precompute, device parts, host parts)``.
 
     ``model``: the working model; ``sources``: every source copy the method reads; ``precompute``: what the
     method keeps to merge fast; ``stream``: one tensor's inputs (the largest), which the host and disk tiers
-    hold on the device while it merges; ``reserve``: the KV cache and activations. On a CPU the host tier
-    is the resident one (host memory is the device's), so it is not offered.
+    hold on the device while it merges; ``reserve``: the KV cache and activations; ``temporaries``: what
+    loading and merging the largest tensor takes beside what is kept, and ``precompute_temporaries`` what
+    its precompute takes while it is computed. On a CPU the host tier is the resident one (host memory is the
+    device's), so it is not offered.
     """
     options = []
     if precompute:
-        options.append(("resident", True, {"model": model, "sources": sources, "precompute": precompute}, {}))
-    options.append(("resident", False, {"model": model, "sources": sources}, {}))
+        kept = {"model": model, "sources": sources, "precompute": precompute}
+        options.append(("resident", True, {**kept, "temporaries": temporaries + precompute_temporaries}, {}))
+    options.append(("resident", False, {"model": model, "sources": sources, "temporaries": temporaries}, {}))
     if not device_is_host:
-        options.append(("host", False, {"model": model, "streamed tensors": 2 * stream}, {"sources": sources}))
-    options.append(("disk", False, {"model": model, "streamed tensor": stream}, {}))
+        streamed = {"model": model, "streamed tensors": 2 * stream, "temporaries": temporaries}
+        options.append(("host", False, streamed, {"sources": sources}))
+    options.append(("disk", False, {"model": model, "streamed tensor": stream, "temporaries": temporaries}, {}))
     return [(tier, pre, {**device, "reserve": reserve}, host) for tier, pre, device, host in options]
 
 
@@ -327,13 +339,20 @@ def spread_options(
         names = [name for name, where in placed.items() if where == device]
         entries = shapes.entries(names)
         kind = torch.device(device)
+        largest = max(math.prod(shapes.shape(name)) for name in names)
+        per_entry = method.precompute_bytes(kind, torch_dtype(dtype), experts)
         per_device[device] = tier_options(
             model=entries * itemsize,
             sources=entries * itemsize * sources,
-            precompute=entries * method.precompute_bytes(kind, torch_dtype(dtype), experts),
-            stream=max(math.prod(shapes.shape(name)) for name in names) * itemsize * sources,
+            precompute=entries * per_entry,
+            stream=largest * itemsize * sources,
             reserve=reserves.get(device, 0),
             device_is_host=kind.type == "cpu",
+            # Its inputs as read, before they are stacked (the merge's own temporaries are of that size); a
+            # precompute's per-model results before they are stacked, and one sort's float32 keys and int64
+            # order (bench_memory.py --peak: 2.3 GB past the kept parts on a 262k x 256 embedding).
+            temporaries=largest * itemsize * sources,
+            precompute_temporaries=largest * (per_entry + 12) if per_entry else 0,
         )
     first = next(iter(per_device.values()))
     options = []
