@@ -81,6 +81,7 @@ def parts_row(shapes: Shapes, method: str, dtype: str, reserve: dict[str, int]) 
         f"{fastest['model'] / GIB:.1f}",
         f"{fastest['sources'] / GIB:.1f}",
         f"{fastest.get('precompute', 0) / GIB:.1f}",
+        f"{fastest.get('temporaries', 0) / GIB:.2f}",
         f"{host_tier['streamed tensors'] / GIB:.2f}",
         f"{sum(fastest.values()) / GIB:.1f}",
     ]
@@ -113,8 +114,9 @@ def main() -> None:
         "GPUs the logits sit on the head's, the KV cache with its layers.",
         "- Parts, for one GPU (GiB): the working model, the sources the method reads (linear: the 3 experts; "
         "TIES and DARE-TIES: the base and 3 task vectors), the method's precompute on a GPU (TIES: sorted "
-        "magnitudes and int32 orders; DARE draws per candidate on a GPU), the host tier's two streamed "
-        "tensors, and the fastest tier in all with the reserve. GPUs needed: the fewest H100s (H200s) that "
+        "magnitudes and int32 orders; DARE draws per candidate on a GPU), what loading and merging the largest "
+        "tensor takes beside them (its inputs as read; TIES: its sorts), the host tier's two streamed tensors, "
+        "and the fastest tier in all with the reserve. GPUs needed: the fewest H100s (H200s) that "
         "hold the fastest tier, the model placed across them as a worker places it.",
         "- Plans: the tier each setup gets and each GPU's headroom beyond the reserve (GiB), first GPU first.",
     ]
@@ -124,9 +126,9 @@ def main() -> None:
         lines += ["", f"## {folder.name}: {entries / 1e9:.2f}e9 parameters, vocabulary {shapes.config['vocab_size']:,}"]
         lines += [
             "",
-            "| method | dtype | fastest tier | model | sources | precompute | streamed | fastest in all | H100s needed "
-            "| H200s needed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| method | dtype | fastest tier | model | sources | precompute | temporaries | streamed | fastest in all "
+            "| H100s needed | H200s needed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         plans = ["", "| method | dtype | " + " | ".join(SETUPS) + " |", "| --- | --- |" + " --- |" * len(SETUPS)]
         reserves = []

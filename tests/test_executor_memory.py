@@ -45,10 +45,9 @@ def test_a_ties_worker_that_fits_its_sources_but_not_its_sorted_magnitudes_merge
     template = recipe(toy_world, "ties")
     sources, copies = resident_bytes(template, "float32")
     assert (sources, copies) == (ENTRIES * 4 * 4, 4)  # working model, base, two task vectors
-    # Beside what is kept, the largest tensor's 3 inputs as read, and its 2 task vectors' sorted magnitudes and
-    # orders before they are stacked with one sort's float32 keys and int64 order.
-    temporaries = LARGEST * 4 * 3
-    needed = sources + temporaries + 2 * ENTRIES * 8 + LARGEST * (2 * 8 + 12)
+    # Beside what is kept, the largest tensor's 3 inputs as read (loading), or, the larger, its 2 task vectors'
+    # sorted magnitudes and orders before they are stacked with one sort's float32 keys and int64 order.
+    needed = sources + 2 * ENTRIES * 8 + LARGEST * (2 * 8 + 12)
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: needed - 1)
     plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
     assert (plan.tier, plan.precompute) == ("resident", False)

@@ -24,7 +24,7 @@ def spec(toy_world) -> WorkerSpec:
     return WorkerSpec(template=recipe(toy_world, "ties"), tasks=tasks, reserve_bytes=0)
 
 
-NEED = 32 * ENTRIES + LARGEST * 4 * 3 + LARGEST * (2 * 8 + 12)
+NEED = 32 * ENTRIES + LARGEST * (2 * 8 + 12)
 
 
 def test_a_cpu_pool_takes_the_workers_each_nodes_memory_holds(spec):

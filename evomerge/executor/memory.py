@@ -180,13 +180,14 @@ def tier_options(
     method keeps to merge fast; ``stream``: one tensor's inputs (the largest), which the host and disk tiers
     hold on the device while it merges; ``reserve``: the KV cache and activations; ``temporaries``: what
     loading and merging the largest tensor takes beside what is kept, and ``precompute_temporaries`` what
-    its precompute takes while it is computed. On a CPU the host tier is the resident one (host memory is the
+    computing its precompute takes. On a CPU the host tier is the resident one (host memory is the
     device's), so it is not offered.
     """
     options = []
     if precompute:
         kept = {"model": model, "sources": sources, "precompute": precompute}
-        options.append(("resident", True, {**kept, "temporaries": temporaries + precompute_temporaries}, {}))
+        # Loading runs at start, the precompute at the first candidate: the larger of the two at once.
+        options.append(("resident", True, {**kept, "temporaries": max(temporaries, precompute_temporaries)}, {}))
     options.append(("resident", False, {"model": model, "sources": sources, "temporaries": temporaries}, {}))
     if not device_is_host:
         streamed = {"model": model, "streamed tensors": 2 * stream, "temporaries": temporaries}
@@ -350,7 +351,7 @@ def spread_options(
             device_is_host=kind.type == "cpu",
             # Its inputs as read, before they are stacked (the merge's own temporaries are of that size); a
             # precompute's per-model results before they are stacked, and one sort's float32 keys and int64
-            # order (bench_memory.py --peak: 2.3 GB past the kept parts on a 262k x 256 embedding).
+            # order (results/bench_memory_peak.md: 2.3 GB past the kept parts on a 262k x 256 embedding).
             temporaries=largest * itemsize * sources,
             precompute_temporaries=largest * (per_entry + 12) if per_entry else 0,
         )
