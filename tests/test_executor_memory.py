@@ -88,3 +88,17 @@ def test_a_restarted_worker_waits_for_its_device_memory_to_come_free(monkeypatch
     with pytest.raises(EvomergeError):
         ray_pool.start_worker("spec", patience_s=60.0)
     assert len(attempts) == 1
+
+
+def test_temporaries_kept_by_a_raised_malloc_trim_threshold_are_counted_on_a_cpu(toy_world, monkeypatch):
+    """glibc keeps freed blocks up to MALLOC_TRIM_THRESHOLD_ for reuse: the temporaries count twice, up to it."""
+    template = recipe(toy_world, "task_arithmetic")
+    monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: 10**9)
+    plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert plan.device_parts["temporaries"] == LARGEST * 4 * 3 and "freed, kept by malloc" not in plan.device_parts
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert plan.device_parts["freed, kept by malloc"] == 1000
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(2**32))
+    plan = plan_memory(template, device=torch.device("cpu"), dtype="float32", reserve=0)
+    assert plan.device_parts["freed, kept by malloc"] == LARGEST * 4 * 3

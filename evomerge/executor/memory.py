@@ -11,6 +11,7 @@ against that device's own free memory.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -355,6 +356,8 @@ def spread_options(
             temporaries=largest * itemsize * sources,
             precompute_temporaries=largest * (per_entry + 12) if per_entry else 0,
         )
+        if kind.type == "cpu":
+            per_device[device] = [(t, pre, _kept_by_malloc(parts), host) for t, pre, parts, host in per_device[device]]
     first = next(iter(per_device.values()))
     options = []
     for index, (tier, pre, _, _) in enumerate(first):
@@ -364,6 +367,15 @@ def spread_options(
                 host[name] = host.get(name, 0) + value
         options.append((tier, pre, {d: opts[index][2] for d, opts in per_device.items()}, host))
     return options
+
+
+def _kept_by_malloc(parts: Parts) -> Parts:
+    """``parts`` and, where ``MALLOC_TRIM_THRESHOLD_`` is raised (scripts/gpu_check.sh raises it for speed),
+    the temporaries again, up to it: glibc then keeps freed blocks for reuse instead of giving them back
+    (results/bench_memory_peak.md: 1.8 GB more at the peak with the thresholds raised)."""
+    threshold = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0)
+    kept = min(threshold, parts.get("temporaries", 0))
+    return {**parts, "freed, kept by malloc": kept} if kept else parts
 
 
 def plan_shapes(
