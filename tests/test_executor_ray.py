@@ -84,9 +84,10 @@ def test_the_sources_must_fit_the_device(spec, monkeypatch):
     # Tiny Llama: embeddings and lm_head 111x32 each, final norm 32, and per layer q/k/v/o 32x32,
     # gate/up/down 64x32, two norms of 32: 3552*2 + 32 + 2*(4*1024 + 3*2048 + 64) = 27,744 floats.
     # task_arithmetic keeps the working model, the base and both task vectors: 4 copies x 4 bytes. The disk
-    # tier keeps the model and one tensor's three inputs (the largest, an embedding: 3,552 floats each).
+    # tier keeps the model and one tensor's three inputs (the largest, an embedding: 3,552 floats each). Both
+    # count that tensor's three inputs as read again, before they are stacked (executor/memory.py).
     spec = dataclasses.replace(spec, reserve_bytes=0)
-    resident, disk = 27_744 * 4 * 4, 27_744 * 4 + 3 * 3_552 * 4
+    resident, disk = 27_744 * 4 * 4 + 3 * 3_552 * 4, 27_744 * 4 + 2 * 3 * 3_552 * 4
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: resident)
     assert Worker(spec).memory.tier == "resident"  # exactly enough is enough
     monkeypatch.setattr("evomerge.executor.memory.free_bytes", lambda device: resident - 1)
