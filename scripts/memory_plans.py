@@ -24,9 +24,9 @@ from evomerge.executor.memory import (
     SourcesDoNotFit,
     gpus_needed,
     plan_shapes,
-    reserve_parts,
     spread_options,
 )
+from evomerge.executor.reserve import reserve_parts
 from evomerge.io.atomic import atomic_write_text
 from evomerge.methods import get_method
 

@@ -10,7 +10,8 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from evomerge.executor.memory import Shapes, plan_shapes, requests_reserve, reserve_parts
+from evomerge.executor.memory import Shapes, plan_shapes
+from evomerge.executor.reserve import requests_reserve, reserve_parts
 from evomerge.methods import get_method
 
 CONFIGS = Path(__file__).parent / "data" / "configs"

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evomerge.executor.memory import SourcesDoNotFit, choose_tier, default_reserve, plan_memory, tier_options
+from evomerge.executor.memory import SourcesDoNotFit, choose_tier, plan_memory, tier_options
+from evomerge.executor.reserve import default_reserve
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import merge_to_disk

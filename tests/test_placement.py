@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.executor.memory import Shapes, plan_memory, plan_shapes, reserve_on_devices
+from evomerge.executor.memory import Shapes, plan_memory, plan_shapes
 from evomerge.executor.placement import device_map, module_of, place_modules
+from evomerge.executor.reserve import reserve_on_devices
 from evomerge.executor.worker import Worker, _devices
 from evomerge.methods import get_method
 from evomerge.recipe.dataflow import DataFlowRecipe, PathStep
@@ -114,7 +115,7 @@ def test_each_device_holds_its_share_and_the_head_holds_the_logits(free, tier):
 
 
 def test_a_tied_head_puts_the_logits_on_the_embeddings_device():
-    tied = Shapes({k: v for k, v in SHAPES.shapes.items() if k != "lm_head.weight"}, {"tie_word_embeddings": True})
+    tied = [name for name in SHAPES.names if name != "lm_head.weight"]
     placed = {
         "model.embed_tokens": "cuda:0",
         "model.layers.0": "cuda:0",

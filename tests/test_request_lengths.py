@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.evaluate.request_lengths import request_lengths
-from evomerge.executor.memory import default_reserve
+from evomerge.executor.reserve import default_reserve
 from evomerge.executor.worker import WorkerSpec, scoring_reserve
 from tests.families import FAMILIES, SIZES
 from tests.test_executor_memory import recipe

@@ -21,6 +21,7 @@ import torch
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.executor.placement import device_map, module_of
+from evomerge.executor.reserve import reserve_on_devices
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.plan import validate
 from evomerge.materialize.sources import HEAD, MergeSources
@@ -243,73 +244,6 @@ def choose_tier(
     )
 
 
-def lm_eval_length(config: dict, max_length: int | None) -> int:
-    """The tokens lm-eval cuts a request to: ``tasks.model_args.max_length``, else the model's context (lm-eval
-    0.4's ``resolve_max_length``; 2,048 where the config names none)."""
-    return max_length or int(config.get("max_position_embeddings") or 2048)
-
-
-def reserve_parts(
-    config: dict, *, dtype: str, batch_size: int | str, length: int, logits_length: int | None = None
-) -> Parts:
-    """Bytes for scoring one batch of ``batch_size`` requests of ``length`` tokens: the KV cache, one layer's
-    activations, and the logits with their log-softmax (lm-eval's, float32 at most) of every position, or of
-    ``logits_length`` positions (generation keeps the last one's). ``batch_size=auto`` counts one request:
-    lm-eval then sizes its batches to the memory left, so set ``executor.reserve_bytes`` if scoring needs more."""
-    itemsize = _itemsize(dtype)
-    batch = batch_size if isinstance(batch_size, int) else 1
-    hidden, layers = int(config.get("hidden_size") or 0), int(config.get("num_hidden_layers") or 0)
-    heads = int(config.get("num_attention_heads") or 1)
-    head_dim = int(config.get("head_dim") or hidden // heads)  # a config may hold head_dim: null
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    intermediate = int(config.get("intermediate_size") or 4 * hidden)
-    tokens = batch * length
-    positions = batch * (length if logits_length is None else logits_length)
-    return {
-        "KV cache": 2 * layers * kv_heads * head_dim * tokens * itemsize,
-        "logits": positions * int(config.get("vocab_size") or 0) * (itemsize + 4),
-        "activations": tokens * (4 * hidden + 2 * intermediate) * itemsize,
-    }
-
-
-def default_reserve(config: dict, *, dtype: str, batch_size: int | str, max_length: int | None) -> int:
-    """``reserve_parts`` in all, for requests of lm-eval's full length: the worst case."""
-    length = lm_eval_length(config, max_length)
-    return sum(reserve_parts(config, dtype=dtype, batch_size=batch_size, length=length).values())
-
-
-def requests_reserve(
-    config: dict, *, dtype: str, batch_size: int | str, max_length: int | None, scored: int | None, generated: int
-) -> Parts:
-    """``reserve_parts`` for the longest requests the tasks send (evaluate/request_lengths.py), each cut to
-    lm-eval's length: the larger of a batch of scored requests (every position's logits) and a batch of
-    generations (the last position's). ``scored`` None (a length unknown): full-length requests."""
-    cap = lm_eval_length(config, max_length)
-    common = dict(dtype=dtype, batch_size=batch_size)
-    kinds = [reserve_parts(config, **common, length=cap if scored is None else min(scored, cap))]
-    if generated:
-        kinds.append(reserve_parts(config, **common, length=min(generated, cap), logits_length=1))
-    return {part: max(kind[part] for kind in kinds) for part in kinds[0]}
-
-
-def reserve_on_devices(reserve: int | Parts, placement: Mapping[str, str], shapes: Shapes) -> dict[str, int]:
-    """Each device's part of the reserve. The KV cache sits with its layers (split by their count), one
-    layer's activations on each device that runs layers, the logits on the device of the head (a tied head
-    is the embedding). A reserve given as one number (``executor.reserve_bytes``) is kept on every device."""
-    devices = list(dict.fromkeys(placement.values()))
-    if isinstance(reserve, int):
-        return dict.fromkeys(devices, reserve)
-    layers = [placement[m] for m in dict.fromkeys(module_of(n) for n in shapes.names) if m.split(".")[-1].isdigit()]
-    head = placement[module_of(HEAD if HEAD in shapes.shapes else "model.embed_tokens.weight")]
-    share = dict.fromkeys(devices, 0)
-    for device in devices:
-        count = layers.count(device)
-        share[device] += reserve.get("KV cache", 0) * count // max(len(layers), 1)
-        share[device] += reserve.get("activations", 0) if count or len(devices) == 1 else 0
-    share[head] += reserve.get("logits", 0)
-    return share
-
-
 def tensor_devices(shapes: Shapes, devices: Sequence[str], *, itemsize: int) -> dict[str, str]:
     """The device of each tensor: the placement's (executor/placement.py) across ``devices``."""
     if len(set(devices)) == 1:
@@ -335,7 +269,7 @@ def spread_options(
     modules = {module_of(name): placed[name] for name in shapes.names}
     if HEAD not in shapes.shapes:
         modules["lm_head"] = placed.get("model.embed_tokens.weight", devices[-1])
-    reserves = reserve_on_devices(reserve, modules, shapes)
+    reserves = reserve_on_devices(reserve, modules, shapes.names)
     per_device = {}
     for device in dict.fromkeys(placed.values()):
         names = [name for name, where in placed.items() if where == device]
@@ -372,7 +306,7 @@ def spread_options(
 def _kept_by_malloc(parts: Parts) -> Parts:
     """``parts`` and, where ``MALLOC_TRIM_THRESHOLD_`` is raised (scripts/gpu_check.sh raises it for speed),
     the temporaries again, up to it: glibc then keeps freed blocks for reuse instead of giving them back
-    (results/bench_memory_peak.md: 1.8 GB more at the peak with the thresholds raised)."""
+    (results/bench_memory_peak.md: 1.4-2.1 GB more at the peak with the thresholds raised)."""
     threshold = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0)
     kept = min(threshold, parts.get("temporaries", 0))
     return {**parts, "freed, kept by malloc": kept} if kept else parts

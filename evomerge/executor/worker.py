@@ -20,8 +20,9 @@ from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
 from evomerge.evaluate.request_lengths import request_lengths
-from evomerge.executor.memory import plan_memory, requests_reserve
+from evomerge.executor.memory import plan_memory
 from evomerge.executor.placement import device_map
+from evomerge.executor.reserve import requests_reserve
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import DataFlowRouter
