@@ -32,7 +32,7 @@ from evomerge.optimizer.pareto import ParetoFront
 from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
 from evomerge.search.racing import Race
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, fully_scored
 from evomerge.search.state import Best, SearchState
 
 
@@ -268,8 +268,8 @@ def _scores(logged: list[float | None]) -> tuple[float, ...]:
 def _update_best(state: SearchState, row: dict, score: tuple[float, ...]) -> None:
     if not all(math.isfinite(s) for s in score):
         return
-    if "items" in row and row["items"][0] < row["items"][1]:
-        return  # a candidate a race stopped early: its estimate is not a score to report (racing.py)
+    if not fully_scored(row):
+        return  # an estimate (racing.py, estimate.py), told to the optimizer but never a result
     state.front.add(id=row["index"], scores=score)
     if state.best is None or score[0] > state.best.scores[0]:
         state.best = Best(index=row["index"], recipe=row["recipe"], scores=score, metrics=row["metrics"])
