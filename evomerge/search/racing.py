@@ -100,7 +100,11 @@ class Race:
         self.delta = delta
         self.selected = selected
 
-    def __call__(self, recipes: list[Candidate], proposals: list[Proposal]) -> Iterator[tuple[int, Outcome]]:
+    whole_generation = True  # the loop replays a killed generation only whole (loop.py)
+
+    def __call__(
+        self, recipes: list[Candidate], proposals: list[Proposal], *, generation: int = 0
+    ) -> Iterator[tuple[int, Outcome]]:
         values: list[list[float]] = [[] for _ in recipes]
         seconds = [0.0] * len(recipes)
         failed: dict[int, Outcome] = {}

@@ -201,6 +201,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 dims=cfg.estimate.dims,
                 seed=cfg.estimate.seed,
                 refit=cfg.estimate.refit,
+                warmup=cfg.estimate.warmup,
                 device=cfg.device,
                 dtype=str(cfg.dtype),
             )
@@ -209,7 +210,8 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
                 f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
                 + (f" and {len(record['learned'])} candidates" if fit.refit else "")
-                + f"; each candidate is scored on {len(fit.estimator.anchors)} anchors"
+                + (f"; {fit.warmup} generation(s) scored on every item first" if fit.warmup else "")
+                + f"; then each candidate is scored on {len(fit.estimator.anchors)} anchors"
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
