@@ -101,15 +101,25 @@ def run_search(
             recipes = [genome.to_recipe(p.x) for p in proposals]
             keys = [r.canonical() for r in recipes]
 
-            fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
+            # A race's outcomes depend on the whole generation, so a resumed race scores again the candidates
+            # a killed run logged (their logged rows are kept): it then stops and estimates the rest as before.
+            fresh = [
+                i
+                for i, k in enumerate(keys)
+                if k not in state.cache and (k not in replay or isinstance(evaluate, Race)) and k not in keys[:i]
+            ]
             arrived: dict[str, Outcome] = {}
             scores: list[tuple[float, ...]] = []
             # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
             # at most the candidates still in flight.
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
             batch = [recipes[i] for i in fresh]
-            # A race also needs the proposals: optuna's pruner reports to their trials.
-            scored = evaluate(batch, [proposals[i] for i in fresh]) if isinstance(evaluate, Race) else evaluate(batch)
+            # A race also needs the proposals (optuna's pruner reports to their trials) and the generation,
+            # whose item order it draws.
+            if isinstance(evaluate, Race):
+                scored = evaluate(batch, [proposals[i] for i in fresh], state.generation)
+            else:
+                scored = evaluate(batch)
             for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
                 _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
