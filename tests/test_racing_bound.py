@@ -44,6 +44,11 @@ def test_on_1000_items_the_race_stops_a_clearly_worse_candidate_that_hoeffding_k
     assert half_width(240, 0.15, pair_delta) == pytest.approx(0.1464, abs=1e-4)
     for n, gap in [(16, 3 / 16), (48, 9 / 48), (112, 18 / 112), (240, 36 / 240), (496, 75 / 496)]:
         assert gap < math.sqrt(2 * math.log(2 / pair_delta) / n)  # Hoeffding: never separated
+    # In a generation of eight (28 pairs) the union is wider: B would stop after 496 items, not 240, and
+    # Hoeffding would still keep it.
+    eight = 0.05 / (28 * 6)
+    assert half_width(240, 0.15, eight) > 0.15 and half_width(496, 75 / 496, eight) < 75 / 496
+    assert math.sqrt(2 * math.log(2 / eight) / 496) > 75 / 496
     scorer = TableScorer([A, B, C])
     race = Race(score_items=scorer, metric="toy/acc", first_round=16, delta=0.05, selected=None, seed=0)
     outcomes = dict(race([0, 1, 2], proposals=[], generation=0))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from evomerge.evaluate.lm_eval_scorer import ItemSubset
+from evomerge.optimizer.optuna_sampler import TPEOptimizer
 from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
-from tests.test_racing import ITEMS, ItemScorer, TableScorer, raced_search
+from tests.test_racing import ITEMS, ItemScorer, TableScorer, genome, raced_search
 
 
 def test_an_item_subset_counts_positions_in_the_generations_order():
@@ -68,22 +69,40 @@ def kill_after_row(monkeypatch, index: int) -> None:
     monkeypatch.setattr(RunFolder, "append_evaluation", append_then_die)
 
 
-def test_a_raced_run_killed_after_any_row_of_a_generation_resumes_to_the_identical_log(tmp_path, monkeypatch):
+def tpe():
+    return TPEOptimizer(
+        space=genome().space, n_objectives=1, seed=0, batch_size=8, n_startup_trials=8, pruner="successive_halving"
+    )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kill_rows"),
+    [(None, range(8, 16)), (tpe, (8, 11, 15))],  # TPE's study is slower to restore: three of the rows
+    ids=["cmaes", "tpe-successive-halving"],
+)
+def test_a_raced_run_killed_after_any_row_of_a_generation_resumes_to_the_identical_log(
+    tmp_path, monkeypatch, optimizer, kill_rows
+):
     """Generations of 8: rows 8-15 are generation 1's. A resumed race scores again the candidates whose rows
-    the killed run logged, so it stops and estimates the others as the straight run did."""
+    the killed run logged, so it stops and estimates the others (and reports to optuna's pruner) as the
+    straight run did."""
+
+    def search(path, scorer):
+        return raced_search(path, scorer, evaluations=24, optimizer=optimizer() if optimizer else None)
+
     straight = ShuffleRecording()
-    raced_search(tmp_path / "straight", straight, evaluations=24)
+    search(tmp_path / "straight", straight)
     rows = RunFolder(tmp_path / "straight").read_evaluations()
     assert straight.shuffles == {(0, 0), (0, 1), (0, 2)}  # the loop passes its generation
     assert [r["generation"] for r in rows] == [0] * 8 + [1] * 8 + [2] * 8
     stopped = [r for r in rows[8:16] if r["items"][0] < ITEMS]
     assert stopped and all("toy/acc@prefix" in r["metrics"] for r in stopped)
-    for index in range(8, 16):
+    for index in kill_rows:
         path = tmp_path / f"killed-after-{index}"
         with monkeypatch.context() as patch:
             kill_after_row(patch, index)
             with pytest.raises(KeyboardInterrupt):
-                raced_search(path, ItemScorer(), evaluations=24)
+                search(path, ItemScorer())
         assert len(RunFolder(path).read_evaluations()) == index + 1
-        raced_search(path, ItemScorer(), evaluations=24)
+        search(path, ItemScorer())
         assert RunFolder(path).read_evaluations() == rows, f"killed after row {index}"
