@@ -244,3 +244,42 @@ def test_lm_eval_scores_items_by_racing_position(toy_world):
     assert shuffled == [every[p] for p in np.random.default_rng([3, 1]).permutation(total)[5:35]]
     with pytest.raises(EvomergeError, match="toy_math/acc"):
         scorer.score_items(ItemSubset(metric="toy_math/no_such_metric", start=0, stop=4))
+
+
+class FailingTableScorer(TableScorer):
+    """A table scorer under which ``failing`` fails from item ``start`` on (a worker lost mid-race)."""
+
+    def __init__(self, table, *, failing: int, start: int) -> None:
+        super().__init__(table)
+        self.failing, self.from_item = failing, start
+
+    def __call__(self, recipes, subset):
+        for position, outcome in super().__call__(recipes, subset):
+            if recipes[position] == self.failing and subset.start >= self.from_item:
+                outcome = Outcome(metrics=None, error="worker lost", seconds=0.0)
+            yield position, outcome
+
+
+def test_when_no_candidate_is_left_running_the_leader_is_scored_on_the_rest():
+    """optuna's pruner stops all three after round 1 (20 items): the one with the most items and the highest
+    mean there, A (1.0), is scored on the other 20, to be the reference: B is told 0.95 + (0.5 - 1.0), C 0.05.
+    If A fails on them, B (0.5) takes its place: A is logged failed, and C is told 0.5 + (0.1 - 0.5) = 0.1."""
+    scorer = TableScorer([A, B, C])
+    race = Race(
+        score_items=scorer,
+        metric="toy/acc",
+        first_round=20,
+        delta=0.1,
+        selected=None,
+        seed=0,
+        should_prune=lambda proposal, items, mean: True,
+    )
+    outcomes = dict(race([0, 1, 2], proposals=[None] * 3, generation=0))
+    assert scorer.scored == [(0, 0, 20), (1, 0, 20), (2, 0, 20), (0, 20, 40)]
+    assert [outcomes[i].metrics["toy/acc"] for i in range(3)] == pytest.approx([0.95, 0.45, 0.05])
+    scorer = FailingTableScorer([A, B, C], failing=0, start=20)
+    race.score_items = scorer
+    outcomes = dict(race([0, 1, 2], proposals=[None] * 3, generation=0))
+    assert scorer.scored == [(0, 0, 20), (1, 0, 20), (2, 0, 20), (0, 20, 40), (1, 20, 40)]
+    assert outcomes[0].metrics is None and outcomes[0].error == "worker lost"
+    assert [outcomes[i].metrics["toy/acc"] for i in (1, 2)] == pytest.approx([0.5, 0.1])
