@@ -230,6 +230,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 first_round=cfg.racing.first_round,
                 delta=cfg.racing.delta,
                 selected=optimizer.selected_count(),
+                seed=cfg.seed,
                 should_prune=optimizer.should_prune if getattr(optimizer, "prunes", False) else None,
             )
         elif getattr(optimizer, "prunes", False):
