@@ -211,7 +211,8 @@ class Estimate:
     the estimates' order, the verified best stays on top, and every value is a calibrated estimate of
     the task's accuracy. Their rows log the unshifted estimate beside it (``<metric>@estimate``)."""
 
-    whole_generation = True  # the loop replays a killed generation only whole (loop.py)
+    whole_generation = True  # a killed generation is scored again, or replayed, only whole (loop.py)
+    replays_whole_generations = True
 
     def __init__(self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int) -> None:
         self.score_items = score_items

@@ -101,7 +101,7 @@ def run_search(
             keys = [r.canonical() for r in recipes]
 
             if getattr(evaluate, "whole_generation", False):
-                _replay_whole_generations(keys, state, replay)
+                _replay_whole_generations(keys, state, replay, replayable=evaluate.replays_whole_generations)
             fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
             arrived: dict[str, Outcome] = {}
             scores: list[tuple[float, ...]] = []
@@ -188,13 +188,17 @@ def resume_state(
     return state, replay
 
 
-def _replay_whole_generations(keys: list[str], state: SearchState, replay: dict[str, dict]) -> None:
+def _replay_whole_generations(
+    keys: list[str], state: SearchState, replay: dict[str, dict], *, replayable: bool
+) -> None:
     """An evaluator that scores a generation as a whole (a race, an estimate) decides each candidate's items
     and value from all of them together. A killed process may have logged only some of a generation's rows:
     replaying those and scoring the rest apart would give other values than the uninterrupted run. Such a
-    generation is scored again whole (the same draws, so the same rows); one logged whole is replayed."""
+    generation is scored again whole (the same draws, so the same rows); one logged whole is replayed where
+    the evaluator is ``replayable`` (a race that reports to optuna's pruner is not: its trials must hear
+    the rounds again)."""
     scored = [k for i, k in enumerate(keys) if k not in state.cache and k not in keys[:i]]
-    if not all(k in replay for k in scored):
+    if not replayable or not all(k in replay for k in scored):
         for k in scored:
             replay.pop(k, None)
 

@@ -173,8 +173,9 @@ class Race:
         self.delta = delta
         self.selected = selected
         self.seed = seed
+        self.replays_whole_generations = should_prune is None  # optuna's trials must hear the rounds again
 
-    whole_generation = True  # the loop replays a killed generation only whole (loop.py)
+    whole_generation = True  # a killed generation is scored again, or replayed, only whole (loop.py)
 
     def __call__(
         self, recipes: list[Candidate], proposals: list[Proposal], *, generation: int
