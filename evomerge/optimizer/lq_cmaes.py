@@ -31,17 +31,17 @@ _SETTINGS = SurrogatePopulationSettings  # pycma's defaults, read as class attri
 class SurrogateRound:
     """One pycma generation `samples` (minimized) under the surrogate `model`, which it updates.
 
-    The order of a batch, the model updates and the returned values are those of
-    `SurrogatePopulation.__call__` (pycma 4.x): first `1 + max(2 % of popsize, 3 / truncation_ratio -
-    model size)` samples, then half as many again each round, the model's best first, until Kendall's
-    tau between the model and the true values of its latest data reaches 0.85 or every sample is scored.
+    The batches, the model updates and the returned values are those of `SurrogatePopulation.__call__`
+    (pycma 4.x): the samples the model ranks best are scored, first `1 + max(2 % of popsize,
+    3 / truncation_ratio - model size)` of them, then half as many more after each batch, until
+    Kendall's tau between the model and the true values of its latest data reaches 0.85 or every
+    sample is scored.
     """
 
     def __init__(self, model: LQModel, samples: np.ndarray) -> None:
         self.model = model
         self.samples = samples
         self.values = np.full(len(samples), np.nan)  # true values; nan: not scored
-        self.tau = 0.0
         # The model's archive holds a multiple of the population; a larger population (a restart)
         # starts a new model, as SurrogatePopulation does.
         size = _SETTINGS.model_max_size_factor * len(samples)
@@ -59,9 +59,10 @@ class SurrogateRound:
 
     def batch(self) -> list[int]:
         """Indices of the samples to score next: the unscored ones the model ranks best, up to the target."""
-        order = (
-            np.argsort([self.model.eval(x) for x in self.samples]) if self.model.size > 1 else range(len(self.samples))
-        )
+        if self.model.size > 1:
+            order = np.argsort([self.model.eval(x) for x in self.samples])
+        else:
+            order = range(len(self.samples))  # no model yet: in the order CMA-ES sampled them
         unscored = [int(i) for i in order if np.isnan(self.values[i])]
         return unscored[: self.target - self.scored]
 
@@ -71,13 +72,11 @@ class SurrogateRound:
             self.values[i] = value
             self.model.add_data_row(self.samples[i], value)
         self.model.sort(self.target)
-        self.tau = self.model.kendall(_SETTINGS.n_for_tau(len(self.samples), self.scored))
-        trust = _SETTINGS.tau_truth_threshold - _SETTINGS.tau_truth_threshold_correction * self.scored / len(
-            self.samples
-        )
-        if self.tau >= trust or self.scored == len(self.samples):
+        tau = self.model.kendall(_SETTINGS.n_for_tau(len(self.samples), self.scored))
+        fraction = self.scored / len(self.samples)
+        if tau >= _SETTINGS.tau_truth_threshold - _SETTINGS.tau_truth_threshold_correction * fraction or fraction == 1:
             self.model.sort(_SETTINGS.model_sort_globally or self.scored)
-            self.model.adapt_max_relative_size(self.tau)
+            self.model.adapt_max_relative_size(tau)
             return True
         self.target += math.ceil(self.target / 2)
         return False
@@ -120,19 +119,19 @@ class LQCMAESOptimizer(CMAESOptimizer):
         return None
 
     def _ask_generation(self) -> list[Proposal]:
-        if self._round is None:
-            with _BLAS.limit(limits=1, user_api="blas"):
+        with _BLAS.limit(limits=1, user_api="blas"):  # the model's least squares too
+            if self._round is None:
                 self._round = SurrogateRound(self._model, np.array(self._es.ask()))
-        self._batch = self._round.batch()
+            self._batch = self._round.batch()
         unit = self._round.samples[self._batch, : len(self.space)]
         ids = range(self._next_id, self._next_id + len(unit))
         self._next_id += len(unit)
         return [Proposal(id=i, x=x) for i, x in zip(ids, self.space.from_unit(unit), strict=True)]
 
     def _tell_generation(self, proposals: list[Proposal], scores: np.ndarray, failed: np.ndarray) -> None:
-        if not self._round.tell(self._batch, (-scores[:, 0]).tolist()):  # pycma minimizes
-            return
         with _BLAS.limit(limits=1, user_api="blas"):
+            if not self._round.tell(self._batch, (-scores[:, 0]).tolist()):  # pycma minimizes
+                return
             self._es.tell(list(self._round.samples), self._round.surrogate_values())
             self._es.inject([self._model.xopt])
         self._round = None
