@@ -46,6 +46,15 @@ def summary_table(state: SearchState, objectives: list[str]) -> str:
         lines += [f"  {k} = {v:.4f}" for k, v in sorted((state.best.metrics or {}).items()) if math.isfinite(v)]
     else:
         lines.append("| (no candidate succeeded) | - |")
+    scored = {scores for scores, _, error, _ in state.cache.values() if not error}
+    if len(scored) == 1 and fresh - len(failed) > 1:  # a flat landscape: CMA-ES then walks at random
+        tie = ", ".join(f"{value:.4f}" for value in next(iter(scored)))
+        lines += [
+            "",
+            f"every candidate scored {tie}: the search could not tell them apart. Score more items "
+            "(tasks.limit), choose tasks the sources differ on, or for DFS start at a source's own path "
+            "(genome.start=embedding_source)",
+        ]
     if failed:
         lines += ["", f"first failure (evaluations.jsonl has each one's error): {failed[0].splitlines()[0]}"]
     if len(objectives) > 1 and state.front is not None:
