@@ -100,7 +100,9 @@ class CMAESOptimizer(Optimizer):
         self._asked_unit: np.ndarray | None = None
 
     def selected_count(self) -> int:
-        return int(self._es.sp.weights.mu)  # the parents CMA-ES recombines: their order matters, the rest's not
+        # The parents CMA-ES recombines. The rest's order matters too: pycma's active CMA (on by default)
+        # weights the worst lambda - mu negatively, so a race tells every candidate a full-task estimate.
+        return int(self._es.sp.weights.mu)
 
     def _ask_generation(self) -> list[Proposal]:
         with _BLAS.limit(limits=1, user_api="blas"):
