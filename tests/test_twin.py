@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -16,6 +16,7 @@ from evomerge.twin.build import build_twin, twin_from_shared
 from evomerge.twin.export import write_twin
 from evomerge.twin.items import task_items
 from evomerge.twin.router import train_router
+from tests.families import FAMILIES, SIZES
 from tests.test_search_e2e import overrides
 
 TASKS = ["toy_math", "toy_lang"]
@@ -195,4 +196,31 @@ def test_a_data_flow_run_is_refused(toy_world, tmp_path):
     assert main(["search", *overrides(toy_world, run_dir, *dfs)]) == 0
     with pytest.raises(EvomergeError, match="DataFlowRecipe .* not a parameter-space merge"):
         build_twin(run_dir, tmp_path / "out", svd_rank=1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3_text"])
+def test_an_unsupported_family_is_refused_before_anything_is_merged(toy_world, tmp_path, monkeypatch, family):
+    # Issue 32: a Gemma 3 run was refused only after two minutes and 9 GB of merging. The family is in the configs.
+    model_type, extra = FAMILIES[family]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SIZES, num_hidden_layers=1, **extra))
+    for name in ("base", "expert1", "expert2"):
+        model.save_pretrained(tmp_path / name)
+    recipe = Recipe.from_plain(
+        {
+            "method": "task_arithmetic",
+            "base": str(tmp_path / "base"),
+            "models": [{"model": str(tmp_path / name), "weight": 1.0} for name in ("expert1", "expert2")],
+        }
+    )
+    (tmp_path / "shared.yaml").write_text(recipe.to_yaml())
+
+    def spent(*args, **kwargs):
+        raise AssertionError("work was done before the family was checked")
+
+    monkeypatch.setattr("evomerge.twin.build.write_shared", spent)
+    monkeypatch.setattr("evomerge.twin.items.task_items", spent)
+    with pytest.raises(EvomergeError, match=f"no modeling code for the '{model_type}' family") as error:
+        build_twin(tmp_path / "shared.yaml", tmp_path / "out", svd_rank=1, tasks=TASKS)
+    assert "use a model of one of these families: llama, mistral, qwen2, qwen3" in str(error.value)
     assert not (tmp_path / "out").exists()

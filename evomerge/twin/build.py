@@ -17,7 +17,7 @@ from evomerge.twin.export import TwinSummary, write_twin
 from evomerge.twin.items import TaskItem
 from evomerge.twin.model import assemble_twin, twin_class
 from evomerge.twin.router import continuation_losses, pooled_features, scored_inputs, train_router
-from evomerge.twin.shared import run_tasks, write_shared
+from evomerge.twin.shared import run_tasks, shared_models, write_shared
 
 
 def build_twin(
@@ -42,6 +42,9 @@ def build_twin(
 
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite=overwrite)
+    # The family decides whether a Twin model can run at all: read it from the experts' configs before the
+    # merge and the tasks (at real size, minutes and gigabytes) are spent on a model that would be refused.
+    twin_class(Checkpoint.open(shared_models(source)[0]).config["model_type"])
     if tasks is None:
         if not RunFolder(source).config_path.is_file():
             raise EvomergeError(
