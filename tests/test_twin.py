@@ -62,7 +62,7 @@ def test_at_full_rank_a_one_hot_router_gives_the_chosen_experts_logits(toy_world
     with torch.no_grad():
         for expert, path in enumerate(experts(toy_world)):
             one_hot = torch.nn.functional.one_hot(torch.tensor([expert, expert]), 2).float()
-            routed = twin.forward_routed(ids, mask, one_hot)
+            routed = twin.forward_routed(ids, mask, one_hot).logits
             real = mask.bool()
             torch.testing.assert_close(routed[real], logits_of(path, ids, mask)[real], atol=2e-4, rtol=0)
 
@@ -104,7 +104,7 @@ def test_tied_embeddings_route_the_head_with_the_embeddings(toy_world, items, ba
     with torch.no_grad():
         for expert, path in enumerate(tied):
             one_hot = torch.nn.functional.one_hot(torch.tensor([expert, expert]), 2).float()
-            routed = twin.forward_routed(ids, mask, one_hot)
+            routed = twin.forward_routed(ids, mask, one_hot).logits
             torch.testing.assert_close(routed[real], logits_of(path, ids, mask)[real], atol=2e-4, rtol=0)
         recipe = Recipe(method="linear", models=tuple(ModelEntry(model=path) for path in tied))
         out = write_twin(twin, AutoTokenizer.from_pretrained(base), recipe, summary, tmp_path / "twin")
@@ -144,8 +144,9 @@ def test_the_exported_folder_reloads_with_the_same_logits_and_scores(toy_world, 
     # Equal to float32 rounding, not bit for bit: the same code, loaded through another module, gives the
     # padded row's matmuls differently aligned inputs (measured: at most 7e-7 of logits near 1).
     torch.testing.assert_close(before, together, atol=1e-5, rtol=0)
-    # Each row is routed on its own: the padded row in a batch gives what it gives alone.
-    assert torch.equal(together[1, :-1], alone[0])
+    # Each row is routed on its own: the padded row in a batch gives what it gives alone (to float32 rounding: the
+    # rows run batched, and a matmul over two rows may round one of them differently from one row alone).
+    torch.testing.assert_close(together[1, :-1], alone[0], atol=1e-5, rtol=0)
     assert not torch.allclose(weights[0], weights[1])
     tasks = TaskSet(names=tuple(TASKS), include_path=str(toy_world.tasks_dir), limit=8, batch_size=4)
     scored = LMEvalScorer(model=twin, tokenizer=tokenizer, tasks=tasks).score()
