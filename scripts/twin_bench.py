@@ -252,7 +252,7 @@ def write_table(args, sizes: dict, runs: dict) -> None:
         f"({new['kept_bytes'] / 1e6:.0f} MB of exclusive parts, new build). "
         f"Before = `git archive {BASELINE[:7]}` (main before the change).",
         "",
-        "| measure | before | after | after vs before |",
+        "| measure | before | after | gain |",
         "| --- | --- | --- | --- |",
         *[f"| {name} | {a} | {b} | {ratio:.1f}x |" for name, a, b, ratio in rows],
         "",
