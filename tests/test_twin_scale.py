@@ -9,16 +9,19 @@ import copy
 import pytest
 import torch
 from torch.func import functional_call
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.io.checkpoint import Checkpoint
+from evomerge.recipe.recipe import ModelEntry, Recipe
+from evomerge.toy.tokenizer import build_tokenizer
 from evomerge.twin.build import twin_from_shared
 from evomerge.twin.exclusive import exclusive_parts
+from evomerge.twin.export import TwinSummary, write_twin
 from evomerge.twin.items import task_items
 from evomerge.twin.model import assemble_twin
 from evomerge.twin.twin_modeling import TwinRouter, factor_key
-from tests.test_architectures import build
+from tests.test_architectures import World, build
 
 TASKS = ["toy_math", "toy_lang"]
 
@@ -177,3 +180,24 @@ def test_on_the_toy_world_logits_and_scores_are_those_of_the_exact_svd_and_dense
 class _Logits:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
+
+
+def test_a_bfloat16_model_keeps_its_factors_in_float32_through_export_and_reload(tmp_path):
+    world = build("qwen2", tmp_path / "float32")
+    for name, path in [("base", world.base), *[(f"expert{i}", e) for i, e in enumerate(world.experts)]]:
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / name)
+    twin = routed_twin(
+        World(family="qwen2", base=tmp_path / "base", experts=(tmp_path / "expert0", tmp_path / "expert1"))
+    )
+    assert twin.model.embed_tokens.weight.dtype == torch.bfloat16
+    recipe = Recipe(method="linear", models=(ModelEntry(model=str(tmp_path / "base")),))
+    summary = TwinSummary(kept_bytes=0, experts_bytes=1, rank=3, energy=None, router_tasks=["x"], router_accuracy=1.0)
+    out = write_twin(twin, build_tokenizer(), recipe, summary, tmp_path / "twin")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert {p.dtype for p in reloaded.twin_factors.parameters()} == {torch.float32}
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids, mask = padded(PROMPTS, left=False)
+    with torch.no_grad():
+        assert torch.equal(
+            twin(input_ids=ids, attention_mask=mask).logits, reloaded(input_ids=ids, attention_mask=mask).logits
+        )

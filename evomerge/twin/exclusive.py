@@ -16,8 +16,8 @@ Vectors = dict[str, list[torch.Tensor]]
 
 # Randomized SVD (Halko, Martinsson and Tropp 2011, as torch.svd_lowrank does it): rank K is read from a
 # sketch of 2K + 10 columns after 4 power iterations. On the toy world's matrices this gives the exact
-# truncation to float32 rounding (tests/test_twin_scale.py); a full SVD of a 4096 x 14336 matrix costs
-# about a hundred times more.
+# truncation to float32 rounding (tests/test_twin_scale.py). On a 5632 x 2048 matrix (TinyLlama's MLP) on
+# this project's busy 2-core machine: 5 s for 42 columns, 130 s for the full float64 SVD.
 OVERSAMPLING = 10
 POWER_ITERATIONS = 4
 
