@@ -76,7 +76,7 @@ def twin_from_shared(
 ) -> tuple[torch.nn.Module, TwinSummary]:
     """The Twin model over the shared model in ``shared_dir``, on ``device``, and what its card states.
 
-    At most one whole model is in memory at a time: the exclusive parts are read tensor by tensor, each
+    Whole models are loaded one at a time: the exclusive parts are read tensor by tensor, each
     expert is loaded alone to label the router's items, then the Twin model (the shared weights and the
     parts) is assembled, and reads its own features as the shared model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
