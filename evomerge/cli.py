@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     twin.add_argument("--seed", type=int, default=0, help="the router's seed")
     twin.add_argument("--tasks", nargs="+", help="tasks the router learns from (default: the run's tasks)")
     twin.add_argument("--include-path", help="folder of task YAMLs for --tasks")
-    twin.add_argument("--device", default="cpu", help="where to merge the shared model")
+    twin.add_argument("--device", default="cpu", help="where to merge, factor (SVD) and score the router's items")
     twin.add_argument("--overwrite", action="store_true")
     twin.set_defaults(run=_twin)
 
