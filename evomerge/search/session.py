@@ -33,6 +33,8 @@ from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
 from evomerge.search.status import append_worker
 from evomerge.search.window import run_window_search
+from evomerge.track import check_report_to
+from evomerge.track.reporting import Reporting
 
 if TYPE_CHECKING:
     from evomerge.executor.ray_pool import RayExecutor
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
     pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
@@ -76,6 +79,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
             "resume without overrides, or pass --force to continue with the new values",
         )
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
     run.lock()
     if diff:
         run.write_config(OmegaConf.to_yaml(cfg))
@@ -241,7 +245,10 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             )
         search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": evaluate}
         names = [o["name"] for o in objectives]
-        watchers.append(Plots(run, names))
+        watchers.append(Plots(run, names))  # before the trackers: the run's end hands them the plots
+        if cfg.report_to:
+            config = OmegaConf.to_container(OmegaConf.load(run.config_path))  # the resolved config, as written
+            watchers.append(Reporting(names=list(cfg.report_to), run=run, config=config, objectives=names))
         search |= {"objectives": objectives, "budget": budget, "watchers": watchers}
         try:
             if cfg.in_flight is None:
