@@ -193,3 +193,23 @@ def test_each_candidate_logs_a_line_and_names_its_worker(toy_world, tmp_path, ca
     assert f"math={rows[0]['scores'][0]:.4f} {rows[0]['seconds']:.2f} s worker {started['worker']}" in lines[0]
     status = read_status(tmp_path)
     assert status["workers"][0]["memory"] == started["memory"] and status["workers"][0]["candidates"] == 4
+
+
+def test_the_pareto_plot_takes_partial_and_failed_rows_and_leaves_no_temporary_file(tmp_path):
+    from evomerge.optimizer.pareto import ParetoFront
+    from evomerge.search.plots import write_plots
+    from evomerge.search.state import SearchState
+
+    rows = [
+        {"generation": 0, "scores": [0.2, 0.8]},
+        {"generation": 0, "scores": [0.6, 0.4]},
+        {"generation": 0, "scores": [0.9, 0.9], "items": [2, 4]},  # a partial estimate: not on the front
+        {"generation": 0, "scores": [None, None]},  # failed: not drawn
+    ]
+    front = ParetoFront(n_objectives=2)
+    for i, row in enumerate(rows[:2]):
+        front.add(id=i, scores=row["scores"])
+    state = SearchState(optimizer={}, front=front, history=[{"generation": 0, "best": 0.6, "mean": 0.4}])
+    write_plots(tmp_path, state, ["a", "b"], rows)
+    assert imread(tmp_path / "pareto.png").shape[2] == 4 and imread(tmp_path / "fitness.png").shape[2] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fitness.png", "pareto.png"]
