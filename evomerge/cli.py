@@ -130,7 +130,10 @@ def _status(args: argparse.Namespace) -> None:
             print(format_status(status), end="\n\n" if args.watch else "\n", flush=True)
         if not args.watch:
             return
-        time.sleep(args.watch)
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:  # how --watch ends: nothing to report
+            return
 
 
 def _finite(value):

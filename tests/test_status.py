@@ -88,7 +88,7 @@ def wait_for_rows(path: Path, count: int) -> None:
         time.sleep(0.02)
 
 
-def test_status_of_a_live_then_finished_run(tmp_path, capsys):
+def test_status_of_a_live_then_finished_run(tmp_path, capsys, monkeypatch):
     hold = threading.Event()
     driver = threading.Thread(target=search, args=(tmp_path, Scripted(hold=hold, hold_at=10)))
     driver.start()
@@ -131,6 +131,18 @@ def test_status_of_a_live_then_finished_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "not alive" in text and "finished" in text and "evaluations 16 of 16 (100%)" in text
     assert f"best so far (fully scored): #{best['index']}" in text and "2 x ValueError: bad knob" in text
+
+    naps = []
+
+    def nap(seconds):  # the second wait is ended by Ctrl-C
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("evomerge.cli.time.sleep", nap)
+    assert main(["status", str(tmp_path), "--json", "--watch", "30"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert naps == [30, 30] and [r["best"] for r in reports] == [done["best"]] * 2
 
 
 KILLED_DRIVER = textwrap.dedent(
