@@ -207,3 +207,23 @@ def test_report_to_reaches_the_trackers_from_the_config(toy_world, tmp_path):
     assert [e.value for e in events.Scalars("best/math")] == pytest.approx([state.best.scores[0]])
     assert "config/text_summary" in events.Tags()["tensors"] and "run_end/fitness.png" in events.Tags()["images"]
     assert "## Recipe (evomerge)" in (tmp_path / "best" / "README.md").read_text()
+
+
+def test_tensorboard_purges_a_step_a_killed_driver_logged_after_its_last_save(tmp_path, monkeypatch):
+    """A kill between TensorBoard's flush and the save of trackers.json: the file counts one step fewer than
+    the event file holds, and the resumed run logs that step again; TensorBoard must show it once."""
+    save = Reporting._save
+
+    def save_unless_step_12(self):
+        if self.saved["tensorboard"]["evaluation"] != 12:
+            save(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Reporting, "_save", save_unless_step_12)
+        with pytest.raises(KeyboardInterrupt):
+            search(tmp_path, CountingEvaluator(crash_after=13), ["tensorboard"])
+    assert json.loads((tmp_path / STATE_FILE).read_text())["tensorboard"]["evaluation"] == 11
+    search(tmp_path, CountingEvaluator(), ["tensorboard"])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("candidate/fit")] == list(range(48))
