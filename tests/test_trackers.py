@@ -209,9 +209,13 @@ def test_report_to_reaches_the_trackers_from_the_config(toy_world, tmp_path):
     assert "## Recipe (evomerge)" in (tmp_path / "best" / "README.md").read_text()
 
 
-def test_tensorboard_purges_a_step_a_killed_driver_logged_after_its_last_save(tmp_path, monkeypatch):
-    """A kill between TensorBoard's flush and the save of trackers.json: the file counts one step fewer than
-    the event file holds, and the resumed run logs that step again; TensorBoard must show it once."""
+def test_a_step_logged_after_the_last_save_is_not_logged_twice(offline, monkeypatch):
+    """A kill between a tracker's write and the save of trackers.json: the file counts one step fewer than
+    the tracker holds, and the resumed run replays that step. TensorBoard purges its copy of it; MLflow's
+    run says what it holds."""
+    from mlflow import MlflowClient
+
+    tmp_path = offline / "run"
     save = Reporting._save
 
     def save_unless_step_12(self):
@@ -221,9 +225,12 @@ def test_tensorboard_purges_a_step_a_killed_driver_logged_after_its_last_save(tm
     with monkeypatch.context() as patch:
         patch.setattr(Reporting, "_save", save_unless_step_12)
         with pytest.raises(KeyboardInterrupt):
-            search(tmp_path, CountingEvaluator(crash_after=13), ["tensorboard"])
-    assert json.loads((tmp_path / STATE_FILE).read_text())["tensorboard"]["evaluation"] == 11
-    search(tmp_path, CountingEvaluator(), ["tensorboard"])
+            search(tmp_path, CountingEvaluator(crash_after=13), ["tensorboard", "mlflow"])
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert saved["tensorboard"]["evaluation"] == saved["mlflow"]["evaluation"] == 11
+    search(tmp_path, CountingEvaluator(), ["tensorboard", "mlflow"])
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("candidate/fit")] == list(range(48))
+    history = MlflowClient().get_metric_history(saved["mlflow"]["run_id"], "candidate/fit")
+    assert sorted(m.step for m in history) == list(range(48))

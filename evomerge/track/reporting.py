@@ -11,7 +11,9 @@ Every tracker logs on one axis, the evaluation index (the row of evaluations.jso
 
 ``trackers.json`` in the run folder keeps each tracker's run id and the last evaluation and generation it
 logged, written after each (and after the tracker flushed). A resume replays the rows logged after the
-checkpoint; those a tracker already has are skipped. A tracker that raises (an unreachable server, a full
+checkpoint; those a tracker already has are skipped. A kill between a tracker's write and that save leaves
+the tracker a step ahead of the file: TensorBoard purges what lies past it, MLflow (and W&B online) read
+their run's last step back on resume. A tracker that raises (an unreachable server, a full
 disk) logs one warning and is dropped for the rest of the process: it never stops the search.
 """
 

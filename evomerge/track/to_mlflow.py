@@ -26,6 +26,12 @@ class MlflowTracker:
         if saved.get("run_id"):
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
+            # A killed driver may have logged a step after its last save of trackers.json: what the run
+            # holds is the truth (every candidate logs its seconds, every generation its number).
+            seconds = self.client.get_metric_history(self.run_id, "candidate/seconds")
+            generations = self.client.get_metric_history(self.run_id, "generation")
+            saved["evaluation"] = max([saved["evaluation"], *(m.step for m in seconds)])
+            saved["generation"] = max([saved["generation"], *(int(m.value) for m in generations)])
             return
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "evomerge")
         experiment = self.client.get_experiment_by_name(name)

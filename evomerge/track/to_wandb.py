@@ -24,6 +24,10 @@ class WandbTracker:
             resume="allow",
             **where,
         )
+        if saved.get("run_id") and self.run.step > 0:
+            # Resumed online, W&B knows the run's last step, which a killed driver may have logged after its
+            # last save of trackers.json (W&B would drop it again, warning; offline it starts at 0).
+            saved["evaluation"] = max(saved["evaluation"], self.run.step - 1)
 
     def ids(self) -> dict:
         return {"run_id": self.run.id}
