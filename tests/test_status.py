@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from matplotlib.image import imread
@@ -161,6 +162,7 @@ KILLED_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e  # a driver process to kill: ~10 s, most of it importing torch
 def test_a_killed_run_shows_as_not_alive(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(tmp_path)], cwd=REPO)
     wait_for_rows(tmp_path, 3)
