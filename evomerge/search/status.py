@@ -202,10 +202,12 @@ def format_status(status: dict) -> str:
         pace += f", ETA {_duration(eta)}" if eta is not None else ""
     lines.append(pace)
     for worker in status["workers"]:
-        speed = f", {worker['per_hour_busy']:,.0f}/h while scoring" if worker["per_hour_busy"] else ""
-        lines.append(
-            f"  worker {worker['worker']}: {worker['candidates']} scored in {_duration(worker['busy_s'])}{speed}"
-        )
+        if worker["candidates"]:
+            speed = f", {worker['per_hour_busy']:,.0f}/h while scoring" if worker["per_hour_busy"] else ""
+            done = f"{worker['candidates']} scored in {_duration(worker['busy_s'])}{speed}"
+        else:  # racing and the estimate rebuild their Outcomes from rounds, without the worker
+            done = "no row names it"
+        lines.append(f"  worker {worker['worker']}: {done}")
         if worker["memory"]:
             lines.append(f"    {worker['memory']}")
     items = status["items"]
