@@ -99,15 +99,17 @@ def wandb_history(wandb_dir: Path, run_id: str) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_a_killed_and_resumed_run_logs_each_step_once_in_every_tracker(offline):
+def test_a_killed_and_resumed_run_logs_each_step_once_in_every_tracker(offline, caplog):
     from mlflow import MlflowClient
 
     run_dir = offline / "run"
     with pytest.raises(KeyboardInterrupt):
         search(run_dir, CountingEvaluator(crash_after=13), ["tensorboard", "wandb", "mlflow"])
+    assert [r.getMessage() for r in caplog.records if r.name == "evomerge.track.reporting"] == []  # none dropped
     saved = json.loads((run_dir / STATE_FILE).read_text())
     assert saved["mlflow"]["evaluation"] == 12 and saved["tensorboard"]["generation"] == 0
     search(run_dir, CountingEvaluator(), ["tensorboard", "wandb", "mlflow"])  # replays rows 8..12
+    assert [r.getMessage() for r in caplog.records if r.name == "evomerge.track.reporting"] == []
     rows = RunFolder(run_dir).read_evaluations()
     scores = [row["scores"][0] for row in rows]
     best_steps = [7, 15, 23, 31, 39, 47]  # each generation's last row
