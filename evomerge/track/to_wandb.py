@@ -3,6 +3,10 @@
 W&B reads its own settings from the environment: ``WANDB_PROJECT`` (default here: evomerge), ``WANDB_MODE``
 (offline writes the run into the run folder's ``wandb/`` for a later ``wandb sync``), ``WANDB_DIR``
 (default here: the run folder). The run id is kept in trackers.json, so a resume continues the same run.
+
+A driver killed by SIGKILL loses the rows W&B's service process had not written yet (it writes a history
+row once the next step arrives, and asynchronously): trackers.json counts them as logged, so they are
+missing from the W&B run, never there twice.
 """
 
 from __future__ import annotations
