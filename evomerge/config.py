@@ -159,6 +159,7 @@ class SearchConfig:
     in_flight: int | None = None  # None: generations (loop.py); N: asynchronous, N candidates out (window.py)
     racing: RacingConfig = field(default_factory=RacingConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    report_to: list[str] = field(default_factory=list)  # trackers, as transformers names them (evomerge/track)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import ray
@@ -53,8 +53,8 @@ class WorkerActor:
 
     # Retried through restarts: it answers once the actor is back, which is when it can take work.
     @ray.method(max_task_retries=-1)
-    def ready(self) -> tuple[int, tuple[str, str] | None]:
-        return os.getpid(), self.startup_error
+    def ready(self) -> tuple[int, tuple[str, str] | None, dict | None]:
+        return os.getpid(), self.startup_error, None if self.worker is None else self.worker.started
 
     def evaluate(self, recipe: Recipe, subset: ItemSubset | None = None) -> Outcome:
         try:
@@ -110,7 +110,10 @@ class RayExecutor:
         threads: int,
         max_tries: int,
         timeout_s: float | None,
+        on_worker: Callable[[dict], None] | None = None,
     ) -> None:
+        """``on_worker``: called with each worker's ``Worker.started`` as it starts, restarts included."""
+        self.on_worker = on_worker
         self.owns_ray = _connect(address)
         self.max_tries = max_tries
         self.timeout_s = timeout_s
@@ -235,11 +238,13 @@ class RayExecutor:
     def _await_restart(self, ref: ray.ObjectRef) -> None:
         actor = self._restarting.pop(ref)
         try:
-            pid, startup_error = ray.get(ref)
+            pid, startup_error, started = ray.get(ref)
         except RayActorError as error:
             raise _startup_failure(error) from None
         if startup_error is not None:
             raise EvomergeError(*startup_error)
+        if self.on_worker is not None and self.pids.get(actor) != pid:  # a new process: a start or a restart
+            self.on_worker(started)
         self.pids[actor] = pid
         self._idle.append(actor)
 

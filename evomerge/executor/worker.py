@@ -10,6 +10,8 @@ GPU (or CPU slot) as an actor. Both build it from the same ``WorkerSpec``.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ class Outcome:
     # Racing only: the raced metric's value on each item scored, in racing order, and how many items there are.
     item_values: list[float] | None = None
     items_total: int | None = None
+    worker: str | None = None  # ``host:pid`` of the worker that scored it (Worker.name)
 
 
 class DeviceFailure(Exception):
@@ -126,7 +129,10 @@ class Worker:
             tier=spec.tier,
             reserve_required=spec.reserve_bytes is not None,
         )
-        print(f"evomerge: {self.memory.describe(device)}", flush=True)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Also in the run folder's workers.jsonl (the executor hands it on), for `evomerge status`.
+        self.started = {"worker": self.name, "time": time.time(), "memory": self.memory.describe(device)}
+        print(f"evomerge: {self.started['memory']}", flush=True)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(template.sources[template.embedding_source]).path)
@@ -162,13 +168,14 @@ class Worker:
                     seconds=time.perf_counter() - start,
                     item_values=values,
                     items_total=total,
+                    worker=self.name,
                 )
             metrics = self.scorer.score()
         except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
             # outside (0, 1)) must not end the search: it is logged and scored as the worst.
             if _is_device_failure(error):
                 raise DeviceFailure(_described(error, frames=0)) from error
-            return Outcome(metrics=None, error=_described(error), seconds=time.perf_counter() - start)
+            return Outcome(metrics=None, error=_described(error), seconds=time.perf_counter() - start, worker=self.name)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         error = f"non-finite metric(s): {', '.join(bad)}" if bad else None
-        return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start)
+        return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start, worker=self.name)

@@ -238,7 +238,7 @@ class Estimate:
             ((_, others),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=rest))
             seconds = outcomes[best].seconds + others.seconds
             if others.item_values is None:
-                finished[best] = Outcome(metrics=None, error=others.error, seconds=seconds)
+                finished[best] = Outcome(metrics=None, error=others.error, seconds=seconds, worker=others.worker)
             else:
                 values = [0.0] * self.total  # in item order, as the fit's responses are
                 for position, value in zip(
@@ -254,6 +254,7 @@ class Estimate:
                     seconds=seconds,
                     item_values=values,
                     items_total=others.items_total,
+                    worker=others.worker,
                 )
         for i in range(len(recipes)):
             outcome = outcomes[i]

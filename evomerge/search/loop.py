@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -87,10 +87,13 @@ def run_search(
     evaluate: Callable[..., Iterator[tuple[int, Outcome]]],
     objectives: list[dict],
     budget: Budget,
+    watchers: Sequence = (),
 ) -> SearchState:
-    """Drive the search until the budget is spent, checkpointing after every generation."""
+    """Drive the search until the budget is spent, checkpointing after every generation; ``watchers`` see
+    its events (progress.py)."""
     state, replay = resume_state(run, optimizer, n_objectives=len(objectives), by_generation=True)
-    progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
+    names = [o["name"] for o in objectives]
+    progress = Progress(objectives=names, budget=budget.evaluations, start=state, watchers=watchers)
     failures = budget.watch_failures(run)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
@@ -107,7 +110,7 @@ def run_search(
             scores: list[tuple[float, ...]] = []
             # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
             # at most the candidates still in flight.
-            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
             batch = [recipes[i] for i in fresh]
             if getattr(evaluate, "whole_generation", False):
                 # A race also needs the proposals (optuna's pruner reports to their trials), and both the
@@ -117,9 +120,9 @@ def run_search(
                 scored = evaluate(batch)
             for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
-                _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+                _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
                 failures.saw(outcome)
-            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
 
             optimizer.tell(proposals, scores)
             _, saved = close_batch(run, state, optimizer, scores, started, saved, writer, progress)
@@ -203,11 +206,11 @@ def _replay_whole_generations(
             replay.pop(k, None)
 
 
-def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores) -> None:
+def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress) -> None:
     """Log (and cache) the next rows of this generation whose scores are known; append to ``scores``."""
     while len(scores) < len(proposals):
         i = len(scores)
-        score = log_row(run, state, proposals[i], recipes[i], keys[i], arrived, replay, objectives)
+        score = log_row(run, state, proposals[i], recipes[i], keys[i], arrived, replay, objectives, progress)
         if score is None:
             return
         scores.append(score)
@@ -222,21 +225,23 @@ def log_row(
     arrived: dict[str, Outcome],
     replay: dict[str, dict],
     objectives: list[dict],
+    progress: Progress,
 ) -> tuple[float, ...] | None:
     """Log (and cache) this candidate's row and return its scores, if they are known: from the cache, a
     row logged before a resume, or an outcome ``arrived`` from the executor; else None."""
     cached = key in state.cache
     items = None  # racing: [items scored, items in the task]
+    worker = None  # which worker scored it (executor/worker.py); None for a cache hit
     if cached:
         score, metrics, error, items = state.cache[key]
         seconds = 0.0
     elif key in replay:
         row = replay.pop(key)
         score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
-        items = row.get("items")
+        items, worker = row.get("items"), row.get("worker")
     elif key in arrived:
         outcome = arrived.pop(key)
-        metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
+        metrics, error, seconds, worker = outcome.metrics, outcome.error, outcome.seconds, outcome.worker
         score = _objective_scores(metrics, error, objectives)
         state.evaluating_s += seconds
         if outcome.item_values is not None:
@@ -255,12 +260,14 @@ def log_row(
         "error": error,
         "cached": cached,
         "seconds": seconds,
+        "worker": worker,
     }
     if items is not None:
         row["items"] = items
     run.append_evaluation(row)
     _update_best(state, row, score)
     state.evaluations += 1
+    progress.candidate(row, state)
     return score
 
 

@@ -182,6 +182,7 @@ class Race:
     ) -> Iterator[tuple[int, Outcome]]:
         values: list[list[float]] = [[] for _ in recipes]
         seconds = [0.0] * len(recipes)
+        workers: list[str | None] = [None] * len(recipes)  # the last to score each one
         failed: dict[int, Outcome] = {}
         total = None
 
@@ -191,6 +192,7 @@ class Race:
             for position, outcome in self.score_items([recipes[i] for i in candidates], subset):
                 i = candidates[position]
                 seconds[i] += outcome.seconds
+                workers[i] = outcome.worker
                 if outcome.item_values is None:
                     failed[i] = outcome
                 else:
@@ -230,9 +232,19 @@ class Race:
         told = dict(zip(alive, full_scale([values[i] for i in alive], total), strict=True)) if alive else {}
         for i in range(len(recipes)):
             if i in failed:
-                yield i, Outcome(metrics=None, error=failed[i].error, seconds=seconds[i])
+                yield i, Outcome(metrics=None, error=failed[i].error, seconds=seconds[i], worker=workers[i])
                 continue
             metrics = {self.metric: told[i]}
             if len(values[i]) < total:
                 metrics[self.metric + PREFIX_SUFFIX] = sum(values[i]) / len(values[i])
-            yield i, Outcome(metrics=metrics, error=None, seconds=seconds[i], item_values=values[i], items_total=total)
+            yield (
+                i,
+                Outcome(
+                    metrics=metrics,
+                    error=None,
+                    seconds=seconds[i],
+                    item_values=values[i],
+                    items_total=total,
+                    worker=workers[i],
+                ),
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,16 @@ from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.estimate import FIT_FILE, Estimate, describe_error, fitted_estimator
+from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.loop import Budget, run_search
-from evomerge.search.plots import write_plots
+from evomerge.search.plots import Plots
 from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
+from evomerge.search.status import append_worker
 from evomerge.search.window import run_window_search
+from evomerge.track import check_report_to
+from evomerge.track.reporting import Reporting
 
 if TYPE_CHECKING:
     from evomerge.executor.ray_pool import RayExecutor
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
     pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
@@ -73,6 +79,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
             "resume without overrides, or pass --force to continue with the new values",
         )
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
     run.lock()
     if diff:
         run.write_config(OmegaConf.to_yaml(cfg))
@@ -164,6 +171,7 @@ def task_set(cfg: DictConfig) -> TaskSet:
 
 
 def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
+    watchers = [Heartbeat(run.path)]  # from the start: loading the workers can take minutes
     try:
         template = template_recipe(cfg)
         genome = build_genome(cfg, template, run.path)
@@ -215,7 +223,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
-        executor = build_executor(cfg.executor, spec)
+        executor = build_executor(cfg.executor, spec, on_worker=lambda started: append_worker(run.path, started))
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
@@ -239,7 +247,12 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 "set racing.enabled=true, or optimizer.pruner=null",
             )
         search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": evaluate}
-        search |= {"objectives": objectives, "budget": budget}
+        names = [o["name"] for o in objectives]
+        watchers.append(Plots(run, names))  # before the trackers: the run's end hands them the plots
+        if cfg.report_to:
+            config = OmegaConf.to_container(OmegaConf.load(run.config_path))  # the resolved config, as written
+            watchers.append(Reporting(names=list(cfg.report_to), run=run, config=config, objectives=names))
+        search |= {"objectives": objectives, "budget": budget, "watchers": watchers}
         try:
             if cfg.in_flight is None:
                 state = run_search(**search)
@@ -250,14 +263,18 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         optimizer.close()
         if cfg.estimate.enabled and (line := describe_error(run.read_evaluations(), metric)) is not None:
             print(f"evomerge: {line}")
-        write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
         return state
     finally:
+        for watcher in watchers:
+            watcher.close()
         run.close()
 
 
-def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayExecutor:
-    """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``)."""
+def build_executor(
+    node: DictConfig, spec: WorkerSpec, on_worker: Callable[[dict], None] | None = None
+) -> SerialExecutor | RayExecutor:
+    """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``);
+    ``on_worker`` is called with each worker's name and memory-tier line as it starts."""
     if node.kind == "ray":
         from evomerge.executor.ray_pool import RayExecutor  # ray only where it is used (a GPU box may lack it)
 
@@ -268,8 +285,9 @@ def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayEx
             threads=node.threads,
             max_tries=node.max_tries,
             timeout_s=node.timeout_s,
+            on_worker=on_worker,
         )
-    return SerialExecutor(spec=spec, threads=node.threads)
+    return SerialExecutor(spec=spec, threads=node.threads, on_worker=on_worker)
 
 
 def _instantiate_optimizer(cfg: DictConfig, genome: Genome, n_objectives: int, run_dir: Path):
