@@ -278,6 +278,12 @@ def _connect(address: str | None) -> bool:
     return False
 
 
+def cluster_gpus(address: str) -> int:
+    """The GPUs of the Ray cluster at ``address`` (joined, for the pool that follows)."""
+    _connect(address)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 def _slots(*, on_gpu: bool, threads: int, gpus: int) -> int:
     """One worker per ``gpus`` GPUs, or per ``threads`` CPUs, that the cluster has free now (what others
     hold would leave workers waiting for a place, and the pool with them)."""

@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.config import SearchConfig, check_config
+from evomerge.config import SearchConfig, check_config, resolve_auto
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.serial import SerialExecutor
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
+    resolve_auto(cfg)  # recorded in config.yaml below: a resume and an export use the same
     pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
