@@ -132,6 +132,7 @@ class ExecutorConfig:
     address: str | None = None
     max_tries: int = 3
     timeout_s: float | None = None
+    resources: Any = None  # {name: amount}: custom Ray resources each worker needs; null: none
 
 
 @dataclass
@@ -309,7 +310,17 @@ def _check_executor(cfg: DictConfig, bad) -> None:
         for key in ("num_workers", "address", "timeout_s"):
             if executor[key] is not None:
                 raise bad(f"executor.{key}", executor[key], "executor=ray: the serial executor runs in this process")
+        if executor.resources:
+            raise bad(
+                "executor.resources", executor.resources, "executor=ray: the serial executor runs in this process"
+            )
         return
+    resources = executor.resources
+    if resources is not None and not isinstance(resources, DictConfig):
+        raise bad("executor.resources", resources, "{name: amount} of custom Ray resources per worker, or null")
+    for name, need in (resources or {}).items():
+        if isinstance(need, bool) or not isinstance(need, (int, float)) or need <= 0:
+            raise bad(f"executor.resources.{name}", need, "a positive amount of a custom Ray resource per worker")
     if executor.threads is None:
         raise bad("executor.threads", None, "a positive number of torch threads (and Ray CPUs) per worker")
     if executor.num_workers is not None and executor.num_workers < 1:

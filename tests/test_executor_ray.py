@@ -18,10 +18,11 @@ import pytest
 import ray
 import torch
 from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.config import CONF_DIR, check_config, register_configs
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.lm_eval_scorer import TaskSet
+from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
 from evomerge.executor.ray_pool import RayExecutor, WorkerActor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import Worker, WorkerSpec
@@ -239,6 +240,36 @@ def test_the_serial_executor_stops_on_a_device_failure_and_says_to_resume(spec, 
     assert position == 0 and outcome.metrics is None and outcome.error.startswith("ValueError: della")
 
 
+def driver_scored(ref: str, tasks: TaskSet, subset: ItemSubset) -> list[float]:
+    """What the estimate's endpoint scoring did before it moved to the workers: the whole model on one
+    device of the driver, with its own tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    return LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(ref), tasks=tasks).score_items(subset)[0]
+
+
+@pytest.fixture(scope="module")
+def endpoints(toy_world, spec) -> tuple[list[str], ItemSubset, list[list[float]]]:
+    refs = [str(toy_world.base), str(toy_world.experts["math"]), str(toy_world.experts["lang"])]
+    subset = ItemSubset(metric="toy_math/acc")
+    expected = [driver_scored(ref, spec.tasks, subset) for ref in refs]
+    assert len(expected[0]) == 40 and len(set(map(tuple, expected))) > 1  # they do score differently
+    return refs, subset, expected
+
+
+@pytest.mark.parametrize("gpus_per_worker", [1, 2])
+def test_the_serial_worker_scores_the_endpoints_as_the_driver_did(spec, endpoints, gpus_per_worker):
+    """Placed as the worker places its model (across two devices: the placement's code path, on the CPU)."""
+    refs, subset, expected = endpoints
+    executor = SerialExecutor(spec=replace(spec, gpus_per_worker=gpus_per_worker), threads=1)
+    assert list(executor.score_models(refs, subset)) == expected
+
+
+@pytest.mark.e2e
+def test_a_pool_scores_the_endpoints_on_its_workers_as_the_driver_did(pool, endpoints):
+    refs, subset, expected = endpoints
+    assert list(pool.score_models(refs, subset)) == expected
+
+
 GENERATIONS = ("optimizer.popsize=4",)  # CMA-ES, generations of 4
 ASYNCHRONOUS = ("optimizer=tpe", "optimizer.batch_size=4", "optimizer.n_startup_trials=4", "in_flight=4")
 
@@ -273,6 +304,9 @@ def search_config(world, run_dir, *extra, mode=GENERATIONS):
         (["executor=ray", "device=cuda:1"], "device=cuda:1 is not allowed. use device=cuda"),
         (["executor.timeout_s=60"], "executor.timeout_s=60.0 is not allowed. use executor=ray"),
         (["executor=ray", "executor.kind=dask"], "executor.kind"),
+        (["executor=ray", "executor.resources={fake_gpu: 0}"], "executor.resources.fake_gpu=0 is not allowed"),
+        (["executor.resources={fake_gpu: 1}"], "executor.resources={'fake_gpu': 1} is not allowed. use executor=ray"),
+        (["executor=ray", "executor.resources=4"], "executor.resources=4 is not allowed. use {name: amount}"),
     ],
 )
 def test_bad_executor_settings_name_the_key_and_value(toy_world, tmp_path, override, message):

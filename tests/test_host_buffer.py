@@ -54,7 +54,7 @@ class RecordingCudart:
         self.calls: list[tuple] = []
 
     def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
-        self.calls.append(("register", pointer, size))
+        self.calls.append(("register", pointer, size, flags))
         return 0
 
     def cudaHostUnregister(self, pointer: int) -> int:  # noqa: N802
@@ -85,7 +85,7 @@ def test_the_host_tier_pins_exactly_the_bytes_its_plan_counts(toy_world, monkeyp
 
     cudart = RecordingCudart()
     buffer.pin(cudart)
-    assert cudart.calls == [("register", start, plan.host_parts["sources"])]
+    assert cudart.calls == [("register", start, plan.host_parts["sources"], 1)]  # portable: for every GPU
     del merger, buffer, kept
     gc.collect()
     assert cudart.calls[1:] == [("unregister", start)]  # unlocked once the merger is gone

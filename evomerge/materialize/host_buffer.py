@@ -19,6 +19,7 @@ import torch
 # Per tensor name: the base's shape (None where the method takes no base) and the stacked inputs' shape.
 Shapes = dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]
 Span = tuple[int, int]  # (offset, entries) in the buffer
+PORTABLE = 1  # cudaHostRegisterPortable
 
 
 def layout(shapes: Shapes) -> tuple[dict[str, tuple[Span | None, Span]], int]:
@@ -60,7 +61,8 @@ class HostBuffer:
         is given back: unlocking after a free would leave the next owner of those pages locked."""
         cudart = cudart or torch.cuda.cudart()
         pointer = self.tensor.data_ptr()
-        _check(cudart.cudaHostRegister(pointer, self.nbytes, 0), "cudaHostRegister", self.nbytes)
+        # cudaHostRegisterPortable: pinned for every GPU, as a worker spanning several copies to each of them.
+        _check(cudart.cudaHostRegister(pointer, self.nbytes, PORTABLE), "cudaHostRegister", self.nbytes)
         weakref.finalize(self, _unregister, cudart, pointer)
 
 

@@ -192,19 +192,22 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             reserve_bytes=cfg.executor.reserve_bytes,
         )
         metric = next(iter(objectives[0]["terms"]))
-        if cfg.estimate.enabled:  # before the workers start: it loads each endpoint model once, on the device
-            fit = fitted_estimator(
-                run.path,
-                template,
-                spec.tasks,
-                metric,
-                anchors=cfg.estimate.anchors,
-                dims=cfg.estimate.dims,
-                seed=cfg.estimate.seed,
-                refit=cfg.estimate.refit,
-                device=cfg.device,
-                dtype=str(cfg.dtype),
-            )
+        executor = build_executor(cfg.executor, spec)
+        if cfg.estimate.enabled:  # the endpoints are scored on the workers, before any candidate
+            try:
+                fit = fitted_estimator(
+                    run.path,
+                    template,
+                    metric,
+                    anchors=cfg.estimate.anchors,
+                    dims=cfg.estimate.dims,
+                    seed=cfg.estimate.seed,
+                    refit=cfg.estimate.refit,
+                    score_models=executor.score_models,
+                )
+            except BaseException:
+                executor.close()
+                raise
             record = fit.record
             print(
                 f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
@@ -214,7 +217,6 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
-        executor = build_executor(cfg.executor, spec)
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
@@ -266,6 +268,7 @@ def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayEx
             threads=node.threads,
             max_tries=node.max_tries,
             timeout_s=node.timeout_s,
+            resources=None if node.resources is None else dict(node.resources),
         )
     return SerialExecutor(spec=spec, threads=node.threads)
 
