@@ -16,7 +16,7 @@
 #   tests     the CUDA tests: every method on CUDA against the CPU, and in place against to disk on models
 #             large enough for the compiled (Triton) kernels, in float32 and bfloat16 (and so the float32
 #             eager fallback); each memory tier (resident, host streamed from pinned memory, disk) against
-#             to disk; DFS and optimizers
+#             to disk; the host buffer page-locked, bytes as counted; DFS and optimizers
 #   bench     scripts/bench_merge.py --device cuda --dtype bfloat16 (no mergekit there: no (d) column), with
 #             its seconds per candidate in each memory tier
 #   memory    scripts/bench_memory.py on the device over 300 candidates (TIES, DARE-TIES)
@@ -84,7 +84,7 @@ step install 30 bash -c "'$PY' -m pip install --no-index --find-links .whl/gpu -
 
 step tests 75 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \
     tests/test_device_merge.py "tests/test_methods.py::test_runs_on_cuda_like_on_cpu" \
-    tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py tests/test_memory_tiers.py
+    tests/test_dataflow.py tests/test_optimizers.py tests/test_merge.py tests/test_memory_tiers.py tests/test_host_buffer.py
 
 step bench 60 "$PY" scripts/bench_merge.py --device "$DEVICE" --dtype bfloat16 --repeats 5 --runs 1 \
     --work /tmp/evomerge-bench --out "$OUT/results/bench_merge_$DEVICE.md"

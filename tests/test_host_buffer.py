@@ -142,3 +142,17 @@ def test_a_copy_waits_for_the_merges_before_it_and_a_merge_for_its_copy():
     copy = [("wait", "side", "compute"), ("enter", "side"), ("leave", "side")]
     use = [("wait", "compute", "side")]
     assert streams.log == [*copy, *use, *copy, ("merge", "a"), *use, ("merge", "b")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs CUDA (scripts/gpu_check.sh runs this)")
+def test_on_a_gpu_the_buffer_itself_is_page_locked_and_streams_the_same_merge(toy_world):
+    recipe = toy_recipe(toy_world, "ties")
+    total, copies = resident_bytes(recipe, "float32")
+    merged = {}
+    for tier in ("resident", "host"):
+        live = AutoModelForCausalLM.from_pretrained(toy_world.base, dtype=torch.float32).to("cuda")
+        merger = InPlaceMerger(model=live, template=recipe, tier=tier)
+        merger.materialize(recipe)
+        merged[tier] = {name: p.detach().cpu() for name, p in live.named_parameters()}
+    assert merger._host.tensor.is_pinned() and merger._host.nbytes == total - total // copies
+    assert all(torch.equal(merged["host"][n], merged["resident"][n]) for n in merged["host"])
