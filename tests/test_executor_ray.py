@@ -177,6 +177,17 @@ def test_a_worker_startup_error_reaches_the_driver_as_itself(local_ray, spec, tm
     assert ray.available_resources()["CPU"] == free  # the worker that reported the error was let go
 
 
+def test_a_pool_asking_for_a_resource_no_node_has_is_refused_before_it_waits_forever(local_ray, spec):
+    with pytest.raises(EvomergeError) as caught:
+        RayExecutor(
+            spec=spec, num_workers=2, address=None, threads=1, max_tries=1, timeout_s=None, resources={"fake_gpu": 1}
+        )
+    assert str(caught.value).startswith(
+        "the pool needs 2 of the Ray resource 'fake_gpu' (2 workers x executor.resources.fake_gpu=1) but the Ray "
+        "cluster has 0. start the worker nodes with `ray start --resources='{\"fake_gpu\": N}'`"
+    )
+
+
 def device_fails_once(marker):
     """A WorkerActor whose model runs out of GPU memory on the first candidate it materializes after
     ``marker`` appears (the marker is then removed: a restarted worker sees a healthy device)."""
