@@ -281,6 +281,16 @@ def test_a_pool_scores_the_endpoints_on_its_workers_as_the_driver_did(pool, endp
     assert list(pool.score_models(refs, subset)) == expected
 
 
+@pytest.mark.e2e
+def test_an_endpoint_a_worker_cannot_score_stops_the_fit_with_the_workers_error(pool, endpoints, tmp_path):
+    refs, subset, _ = endpoints
+    with pytest.raises(EvomergeError) as caught:
+        list(pool.score_models([refs[0], str(tmp_path / "missing")], subset))
+    message = str(caught.value)
+    assert message.startswith(f"a Ray worker failed while scoring '{tmp_path / 'missing'}' on every item")
+    assert "give every node the models at the same paths" in message and "Traceback" not in message
+
+
 GENERATIONS = ("optimizer.popsize=4",)  # CMA-ES, generations of 4
 ASYNCHRONOUS = ("optimizer=tpe", "optimizer.batch_size=4", "optimizer.n_startup_trials=4", "in_flight=4")
 

@@ -1,4 +1,5 @@
-"""Score candidates on a pool of Ray actors: one per GPU, or one per ``threads`` CPUs without a GPU.
+"""Score candidates on a pool of Ray actors: one per GPU, or one per ``threads`` CPUs without a GPU (and,
+with ``executor.resources``, only where each worker's custom Ray resources are free).
 
 Each actor builds one ``Worker`` from the same ``WorkerSpec`` as the serial executor, reading the
 sources from their (shared) paths itself: only recipes and scores cross Ray's object store. The
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import ItemSubset
@@ -200,12 +201,13 @@ class RayExecutor:
         for ref, call in zip(refs, calls, strict=True):
             try:
                 yield ray.get(call)
-            except RayActorError as error:
+            except (RayActorError, RayTaskError) as error:
+                last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
                 raise EvomergeError(
-                    f"a Ray worker died while scoring '{ref}' on every item for the estimate ({error})",
-                    "see the Ray logs: out of memory here means the worker's sources and the endpoint (a copy of "
-                    "the model, while it is scored) do not fit together; use executor.tier=host or disk, or more "
-                    "executor.gpus_per_worker, and start the run again",
+                    f"a Ray worker failed while scoring '{ref}' on every item for the estimate: {last}",
+                    "a path the node cannot read: give every node the models at the same paths; out of memory: the "
+                    "worker's sources and the endpoint (a copy of the model, while it is scored) do not fit together, "
+                    "so use executor.tier=host or disk, or more executor.gpus_per_worker; then start the run again",
                 ) from None
 
     def close(self) -> None:
