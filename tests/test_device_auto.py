@@ -9,8 +9,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from evomerge.config import CONF_DIR, register_configs, resolve_auto
+from evomerge.errors import EvomergeError
 from evomerge.search.run_folder import RunFolder
-from evomerge.search.session import saved_config, start
+from evomerge.search.session import resume, saved_config, start
 
 
 def composed(*overrides: str):
@@ -93,3 +94,6 @@ def test_the_run_records_what_auto_resolved_to(toy_world, tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     resumed = saved_config(RunFolder(run_dir))
     assert (resumed.device, dtype_name(resumed)) == ("cpu", "float32")
+    # Asked again on a machine with a GPU, auto means cuda there: a changed config, refused with the diff.
+    with pytest.raises(EvomergeError, match="device: 'cpu' -> 'cuda'"):
+        resume(run_dir, ["device=auto"], force=False)

@@ -67,6 +67,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
         raise EvomergeError(f"'{run_dir}' holds no evomerge run (no config.yaml)", "check the path")
     saved = saved_config(run)
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)) if overrides else saved
+    resolve_auto(cfg)  # an override device=auto resolves here, and is compared as what it resolved to
     diff = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
     if diff and not force:
         raise EvomergeError(
