@@ -113,6 +113,9 @@ class EstimateConfig:
     dims: int = 2  # the IRT model's ability dimensions
     seed: int = 0  # the fit's and the anchor clustering's seed
     refit: bool = True  # fit again after each generation on its best (scored on every item) too
+    # generations scored on every item first, and fitted on: endpoints that all fail the objective teach
+    # the fit nothing about its items (results/fitness_cost_smollm.md)
+    warmup: int = 1
 
 
 class ExecutorKind(str, Enum):
@@ -262,6 +265,8 @@ def check_config(cfg: DictConfig) -> None:
             raise bad("estimate.anchors", estimate.anchors, "a positive number of anchor items, e.g. 100")
         if estimate.dims < 1:
             raise bad("estimate.dims", estimate.dims, "a positive number of ability dimensions, e.g. 2")
+        if estimate.warmup < 0:
+            raise bad("estimate.warmup", estimate.warmup, "a number of generations >= 0 scored on every item, e.g. 1")
         if racing.enabled or len(cfg.objectives) != 1 or len(cfg.objectives[0].terms) != 1 or cfg.in_flight is not None:
             raise EvomergeError(
                 "estimate.enabled estimates one per-item metric of one task, over whole generations, without "

@@ -31,8 +31,7 @@ from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
 from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
-from evomerge.search.racing import Race
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, fully_scored
 from evomerge.search.state import Best, SearchState
 
 
@@ -85,7 +84,7 @@ def run_search(
     run: RunFolder,
     genome: Genome,
     optimizer: Optimizer,
-    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]] | Race,
+    evaluate: Callable[..., Iterator[tuple[int, Outcome]]],
     objectives: list[dict],
     budget: Budget,
 ) -> SearchState:
@@ -101,6 +100,8 @@ def run_search(
             recipes = [genome.to_recipe(p.x) for p in proposals]
             keys = [r.canonical() for r in recipes]
 
+            if getattr(evaluate, "whole_generation", False):
+                _replay_whole_generations(keys, state, replay)
             fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
             arrived: dict[str, Outcome] = {}
             scores: list[tuple[float, ...]] = []
@@ -108,8 +109,12 @@ def run_search(
             # at most the candidates still in flight.
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
             batch = [recipes[i] for i in fresh]
-            # A race also needs the proposals: optuna's pruner reports to their trials.
-            scored = evaluate(batch, [proposals[i] for i in fresh]) if isinstance(evaluate, Race) else evaluate(batch)
+            if getattr(evaluate, "whole_generation", False):
+                # A race also needs the proposals (optuna's pruner reports to their trials), and both the
+                # generation (its item order, what an estimate has learned by then).
+                scored = evaluate(batch, [proposals[i] for i in fresh], generation=state.generation)
+            else:
+                scored = evaluate(batch)
             for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
                 _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
@@ -181,6 +186,17 @@ def resume_state(
     for row in dropped:
         replay.setdefault(canonical_key(row["recipe"]), row)  # the evaluated row; later ones with its key were hits
     return state, replay
+
+
+def _replay_whole_generations(keys: list[str], state: SearchState, replay: dict[str, dict]) -> None:
+    """An evaluator that scores a generation as a whole (a race, an estimate) decides each candidate's items
+    and value from all of them together. A killed process may have logged only some of a generation's rows:
+    replaying those and scoring the rest apart would give other values than the uninterrupted run. Such a
+    generation is scored again whole (the same draws, so the same rows); one logged whole is replayed."""
+    scored = [k for i, k in enumerate(keys) if k not in state.cache and k not in keys[:i]]
+    if not all(k in replay for k in scored):
+        for k in scored:
+            replay.pop(k, None)
 
 
 def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores) -> None:
@@ -268,8 +284,8 @@ def _scores(logged: list[float | None]) -> tuple[float, ...]:
 def _update_best(state: SearchState, row: dict, score: tuple[float, ...]) -> None:
     if not all(math.isfinite(s) for s in score):
         return
-    if "items" in row and row["items"][0] < row["items"][1]:
-        return  # a candidate a race stopped early: its estimate is not a score to report (racing.py)
+    if not fully_scored(row):
+        return  # an estimate (racing.py, estimate.py), told to the optimizer but never a result
     state.front.add(id=row["index"], scores=score)
     if state.best is None or score[0] > state.best.scores[0]:
         state.best = Best(index=row["index"], recipe=row["recipe"], scores=score, metrics=row["metrics"])

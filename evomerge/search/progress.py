@@ -27,10 +27,13 @@ class Progress:
 def summary_table(state: SearchState, objectives: list[str]) -> str:
     fresh = sum(1 for _ in state.cache)
     failed = [error for _, _, error, _ in state.cache.values() if error]
+    partial = sum(1 for _, _, error, items in state.cache.values() if not error and items and items[0] < items[1])
     lines = [
         "",
         f"generations {state.generation} | evaluations {state.evaluations} ({fresh} distinct, "
-        f"{len(failed)} failed) | "
+        f"{len(failed)} failed"
+        + (f", {partial} scored on part of the items: estimates, never results" if partial else "")
+        + ") | "
         f"wall {state.elapsed_s:.1f} s | workers spent {state.evaluating_s:.1f} s scoring candidates "
         "(summed over workers: with a pool it exceeds the wall time)",
         "",

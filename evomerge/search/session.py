@@ -204,6 +204,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                     dims=cfg.estimate.dims,
                     seed=cfg.estimate.seed,
                     refit=cfg.estimate.refit,
+                    warmup=cfg.estimate.warmup,
                     score_models=executor.score_models,
                 )
             except BaseException:
@@ -214,7 +215,8 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
                 f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
                 + (f" and {len(record['learned'])} candidates" if fit.refit else "")
-                + f"; each candidate is scored on {len(fit.estimator.anchors)} anchors"
+                + (f"; {fit.warmup} generation(s) scored on every item first" if fit.warmup else "")
+                + f"; then each candidate is scored on {len(fit.estimator.anchors)} anchors"
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
@@ -232,6 +234,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 first_round=cfg.racing.first_round,
                 delta=cfg.racing.delta,
                 selected=optimizer.selected_count(),
+                seed=cfg.seed,
                 should_prune=optimizer.should_prune if getattr(optimizer, "prunes", False) else None,
             )
         elif getattr(optimizer, "prunes", False):
