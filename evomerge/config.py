@@ -23,7 +23,8 @@ from evomerge.errors import EvomergeError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-DType = Enum("DType", [(name, name) for name in DTYPE_NAMES], type=str)  # evomerge/dtypes.py names them
+# evomerge/dtypes.py names them; auto is resolved at a run's start (resolve_auto).
+DType = Enum("DType", [(name, name) for name in ("auto", *DTYPE_NAMES)], type=str)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class ExecutorConfig:
     address: str | None = None
     max_tries: int = 3
     timeout_s: float | None = None
+    resources: Any = None  # {name: amount}: custom Ray resources each worker needs; null: none
 
 
 @dataclass
@@ -146,8 +148,8 @@ class ToyConfig:
 class SearchConfig:
     seed: int = 0
     run_dir: str = MISSING
-    device: str = "cpu"
-    dtype: DType = DType.float32
+    device: str = "auto"  # auto: cuda where the workers have a GPU, else cpu (resolve_auto)
+    dtype: DType = DType.auto  # auto: bfloat16 on cuda, float32 on cpu
     models: ModelsConfig = field(default_factory=ModelsConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     genome: GenomeConfig = field(default_factory=GenomeConfig)
@@ -188,6 +190,37 @@ def smol_world_path(size: str, seed: int, what: str) -> str:
     world = build_smol_world(size="smoke" if size == "tiny" else size, seed=int(seed))
     paths = {"base": world.base, "tasks": world.tasks_dir, **world.experts}
     return str(paths[what])
+
+
+def resolve_auto(cfg: DictConfig) -> None:
+    """Replace ``device=auto`` and ``dtype=auto`` by what they mean where this run starts, and say so: CUDA
+    and bfloat16 where the workers have a GPU (at 7B, float32 sources are ~145 GB), else the CPU and float32
+    (the toy demo; bfloat16 matmuls are slow on most CPUs). Done once, at the run's start: its config.yaml
+    records the result, so a resume or an export elsewhere (a laptop, a node without a GPU) uses the same."""
+    chosen = []
+    if cfg.device == "auto":
+        has_gpu, where = _workers_have_gpu(cfg.executor)
+        cfg.device = "cuda" if has_gpu else "cpu"
+        chosen.append(f"device={cfg.device} ({where})")
+    if str(getattr(cfg.dtype, "value", cfg.dtype)) == "auto":
+        cfg.dtype = "bfloat16" if str(cfg.device).startswith("cuda") else "float32"
+        chosen.append(f"dtype={getattr(cfg.dtype, 'value', cfg.dtype)} (on {cfg.device})")
+    if chosen:
+        print(f"evomerge: {' and '.join(chosen)}; set device= and dtype= to choose otherwise", flush=True)
+
+
+def _workers_have_gpu(executor: DictConfig) -> tuple[bool, str]:
+    """Whether the workers will have a GPU, and how that is known: a Ray cluster that the driver joins
+    (``executor.address``) is asked, since its head node, where the driver runs, may have none."""
+    if executor.kind == "ray" and executor.address is not None:
+        from evomerge.executor.ray_pool import cluster_gpus  # ray only where it is used
+
+        gpus = cluster_gpus(executor.address)
+        return gpus > 0, f"the Ray cluster at {executor.address} has {gpus} GPU(s)"
+    import torch  # here, so that reading a config does not import torch
+
+    available = torch.cuda.is_available()
+    return available, "CUDA is available here" if available else "no CUDA device here"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -283,7 +316,17 @@ def _check_executor(cfg: DictConfig, bad) -> None:
         for key in ("num_workers", "address", "timeout_s"):
             if executor[key] is not None:
                 raise bad(f"executor.{key}", executor[key], "executor=ray: the serial executor runs in this process")
+        if executor.resources:
+            raise bad(
+                "executor.resources", executor.resources, "executor=ray: the serial executor runs in this process"
+            )
         return
+    resources = executor.resources
+    if resources is not None and not isinstance(resources, DictConfig):
+        raise bad("executor.resources", resources, "{name: amount} of custom Ray resources per worker, or null")
+    for name, need in (resources or {}).items():
+        if isinstance(need, bool) or not isinstance(need, (int, float)) or need <= 0:
+            raise bad(f"executor.resources.{name}", need, "a positive amount of a custom Ray resource per worker")
     if executor.threads is None:
         raise bad("executor.threads", None, "a positive number of torch threads (and Ray CPUs) per worker")
     if executor.num_workers is not None and executor.num_workers < 1:

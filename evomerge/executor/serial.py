@@ -43,5 +43,10 @@ class SerialExecutor:
                 ) from failure
             yield position, outcome
 
+    def score_models(self, refs: list[str], subset: ItemSubset) -> Iterator[list[float]]:
+        """Each model's values on ``subset``'s items, in the order of ``refs``, scored by the worker."""
+        for ref in refs:
+            yield self.worker.score_model(ref, subset)
+
     def close(self) -> None:
         self.worker = None

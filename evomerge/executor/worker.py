@@ -104,9 +104,21 @@ def _reserve(spec: WorkerSpec) -> int:
     )
 
 
+def load_placed(folder: str, devices: list[str], *, dtype: str) -> torch.nn.Module:
+    """The model in ``folder``, in ``dtype``, on ``devices``: one device, or layers across several
+    (``device_map``: executor.gpus_per_worker)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_type = torch_dtype(dtype)
+    if len(devices) > 1:
+        placed = device_map(Checkpoint.open(folder), devices, itemsize=torch_type.itemsize)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_type, device_map=placed).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_type).to(devices[0]).eval()
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one model load; its bar would bury the search's
@@ -139,12 +151,7 @@ class Worker:
         else:
             reference = template.base if template.base is not None else template.models[0].model
             folder = resolve_model(reference).path  # a hub ID's cached snapshot
-            dtype = torch_dtype(spec.dtype)
-            if len(devices) > 1:
-                placed = device_map(Checkpoint.open(folder), devices, itemsize=dtype.itemsize)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=placed).eval()
-            else:
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            model = load_placed(folder, devices, dtype=spec.dtype)
             self.merger = InPlaceMerger(
                 model=model, template=template, tier=self.memory.tier, precompute=self.memory.precompute
             )
@@ -153,6 +160,23 @@ class Worker:
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
+        self.devices, self.dtype, self.tasks = devices, spec.dtype, spec.tasks
+
+    def score_model(self, ref: str, subset: ItemSubset) -> list[float]:
+        """Model ``ref``'s values on ``subset``'s items, loaded from its own folder (with its own tokenizer)
+        and placed as this worker places its model: the estimate's endpoints, scored where the candidates
+        are (a 70B endpoint spans the worker's GPUs; a driver without a GPU scores nothing). The model is
+        a copy beside the worker's sources for the time it is scored, then freed."""
+        from transformers import AutoTokenizer
+
+        folder = resolve_model(ref).path
+        model = load_placed(folder, self.devices, dtype=self.dtype)
+        scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), tasks=self.tasks)
+        values, _ = scorer.score_items(subset)
+        del scorer, model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next candidate's activations get the endpoint's memory back
+        return values
 
     def evaluate(self, recipe: Recipe | DataFlowRecipe, subset: ItemSubset | None = None) -> Outcome:
         """Materialize and score one candidate (on every metric, or on ``subset``'s items of the raced

@@ -19,18 +19,17 @@ resumed run score it again whole (loop.py), identically.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.irt import AnchorEstimator
-from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
+from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate
 from evomerge.io.atomic import atomic_write_text
-from evomerge.io.locate import resolve_model
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 from evomerge.search.racing import ScoreItems
@@ -49,28 +48,9 @@ def endpoints(template: Recipe | DataFlowRecipe) -> list[str]:
     return list(dict.fromkeys(str(ref) for ref in refs))
 
 
-def score_endpoint(ref: str, tasks: TaskSet, metric: str, *, device: str, dtype: str) -> list[float]:
-    """One model's value of ``metric`` on every item of its task, in racing order, scored from its own folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.dtypes import torch_dtype
-    from evomerge.materialize.to_disk import resolve_device
-
-    folder = resolve_model(ref).path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).to(resolve_device(device)).eval()
-    scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), tasks=tasks)
-    values, _ = scorer.score_items(ItemSubset(metric=metric))
-    del scorer, model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return values
-
-
 def fitted_estimator(
     run_dir: Path,
     template: Recipe | DataFlowRecipe,
-    tasks: TaskSet,
     metric: str,
     *,
     anchors: int,
@@ -78,18 +58,20 @@ def fitted_estimator(
     seed: int,
     refit: bool,
     warmup: int,
-    device: str,
-    dtype: str,
+    score_models: Callable[[list[str], ItemSubset], Iterable[list[float]]],
 ) -> Fit:
-    """The run's fit, from ``irt.json`` when an earlier start wrote it, else fitted now (and written)."""
+    """The run's fit, from ``irt.json`` when an earlier start wrote it, else fitted now (and written).
+
+    ``score_models``: the executor's, which scores each endpoint on the workers, placed as they place the
+    candidates (``executor.gpus_per_worker``), so the driver needs neither a GPU nor room for a model."""
     path = run_dir / FIT_FILE
     if path.exists():
         return Fit.read(run_dir, n_anchors=anchors, dims=dims, seed=seed, refit=refit, warmup=warmup)
     models = endpoints(template)
+    print(f"evomerge: estimated fitness: scoring {', '.join(models)} on every item of {metric}", flush=True)
     responses = []
-    for ref in models:
-        print(f"evomerge: estimated fitness: scoring {ref} on every item of {metric}", flush=True)
-        responses.append(score_endpoint(ref, tasks, metric, device=device, dtype=dtype))
+    for values in score_models(models, ItemSubset(metric=metric)):
+        responses.append(values)
         if anchors >= len(responses[0]):
             raise EvomergeError(
                 f"estimate.anchors={anchors}, but {metric} has {len(responses[0])} items: scoring every candidate "

@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.config import SearchConfig, check_config
+from evomerge.config import SearchConfig, check_config, resolve_auto
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.serial import SerialExecutor
@@ -44,6 +44,7 @@ def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
     check_report_to(list(cfg.report_to))
+    resolve_auto(cfg)  # recorded in config.yaml below: a resume and an export use the same
     pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
@@ -72,6 +73,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
         raise EvomergeError(f"'{run_dir}' holds no evomerge run (no config.yaml)", "check the path")
     saved = saved_config(run)
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)) if overrides else saved
+    resolve_auto(cfg)  # an override device=auto resolves here, and is compared as what it resolved to
     diff = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
     if diff and not force:
         raise EvomergeError(
@@ -199,20 +201,23 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             reserve_bytes=cfg.executor.reserve_bytes,
         )
         metric = next(iter(objectives[0]["terms"]))
-        if cfg.estimate.enabled:  # before the workers start: it loads each endpoint model once, on the device
-            fit = fitted_estimator(
-                run.path,
-                template,
-                spec.tasks,
-                metric,
-                anchors=cfg.estimate.anchors,
-                dims=cfg.estimate.dims,
-                seed=cfg.estimate.seed,
-                refit=cfg.estimate.refit,
-                warmup=cfg.estimate.warmup,
-                device=cfg.device,
-                dtype=str(cfg.dtype),
-            )
+        executor = build_executor(cfg.executor, spec, on_worker=lambda started: append_worker(run.path, started))
+        if cfg.estimate.enabled:  # the endpoints are scored on the workers, before any candidate
+            try:
+                fit = fitted_estimator(
+                    run.path,
+                    template,
+                    metric,
+                    anchors=cfg.estimate.anchors,
+                    dims=cfg.estimate.dims,
+                    seed=cfg.estimate.seed,
+                    refit=cfg.estimate.refit,
+                    warmup=cfg.estimate.warmup,
+                    score_models=executor.score_models,
+                )
+            except BaseException:
+                executor.close()
+                raise
             record = fit.record
             print(
                 f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
@@ -223,7 +228,6 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
-        executor = build_executor(cfg.executor, spec, on_worker=lambda started: append_worker(run.path, started))
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
@@ -286,6 +290,7 @@ def build_executor(
             max_tries=node.max_tries,
             timeout_s=node.timeout_s,
             on_worker=on_worker,
+            resources=None if node.resources is None else dict(node.resources),
         )
     return SerialExecutor(spec=spec, threads=node.threads, on_worker=on_worker)
 
