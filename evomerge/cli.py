@@ -97,9 +97,13 @@ def _search(overrides: list[str]) -> int:
 
 
 def _resume(args: argparse.Namespace) -> None:
+    import logging
+
     from evomerge.config import register_configs
     from evomerge.search.session import resume
 
+    # The per-candidate lines at INFO, as `evomerge search` shows them (Hydra configures its logging).
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     register_configs()
     resume(Path(args.run_dir), args.overrides, force=args.force)
 
@@ -111,6 +115,36 @@ def _export(args: argparse.Namespace) -> None:
         args.run_dir, args.out_dir, rank=args.rank, pareto=args.pareto, device=args.device, overwrite=args.overwrite
     ):
         print(f"exported {path}")
+
+
+def _status(args: argparse.Namespace) -> None:
+    import json
+
+    from evomerge.search.status import format_status, read_status
+
+    while True:
+        status = read_status(args.run_dir)
+        if args.json:
+            print(json.dumps(_finite(status)), flush=True)
+        else:
+            print(format_status(status), end="\n\n" if args.watch else "\n", flush=True)
+        if not args.watch:
+            return
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:  # how --watch ends: nothing to report
+            return
+
+
+def _finite(value):
+    """JSON has no NaN: a non-finite metric is written as null."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _twin(args: argparse.Namespace) -> None:
@@ -198,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
 
+    status = commands.add_parser(
+        "status", help="how a run stands (alive, pace, ETA, best so far, failures), from its folder alone"
+    )
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="one JSON object per report")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="report again every SECONDS until Ctrl-C")
+    status.set_defaults(run=_status)
+
     twin = commands.add_parser("twin", help="Twin-Merging: the searched merge plus per-input routed expert parts")
     twin.add_argument("source", help="a parameter-space search run folder, or a recipe file")
     twin.add_argument("out_dir")
@@ -208,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     twin.add_argument("--seed", type=int, default=0, help="the router's seed")
     twin.add_argument("--tasks", nargs="+", help="tasks the router learns from (default: the run's tasks)")
     twin.add_argument("--include-path", help="folder of task YAMLs for --tasks")
-    twin.add_argument("--device", default="cpu", help="where to merge the shared model")
+    twin.add_argument("--device", default="cpu", help="where to merge, factor (SVD) and score the router's items")
     twin.add_argument("--overwrite", action="store_true")
     twin.set_defaults(run=_twin)
 

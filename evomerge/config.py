@@ -23,7 +23,8 @@ from evomerge.errors import EvomergeError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-DType = Enum("DType", [(name, name) for name in DTYPE_NAMES], type=str)  # evomerge/dtypes.py names them
+# evomerge/dtypes.py names them; auto is resolved at a run's start (resolve_auto).
+DType = Enum("DType", [(name, name) for name in ("auto", *DTYPE_NAMES)], type=str)
 
 
 @dataclass
@@ -112,6 +113,9 @@ class EstimateConfig:
     dims: int = 2  # the IRT model's ability dimensions
     seed: int = 0  # the fit's and the anchor clustering's seed
     refit: bool = True  # fit again after each generation on its best (scored on every item) too
+    # generations scored on every item first, and fitted on: endpoints that all fail the objective teach
+    # the fit nothing about its items (results/fitness_cost_smollm.md)
+    warmup: int = 1
 
 
 class ExecutorKind(str, Enum):
@@ -131,6 +135,7 @@ class ExecutorConfig:
     address: str | None = None
     max_tries: int = 3
     timeout_s: float | None = None
+    resources: Any = None  # {name: amount}: custom Ray resources each worker needs; null: none
 
 
 @dataclass
@@ -143,8 +148,8 @@ class ToyConfig:
 class SearchConfig:
     seed: int = 0
     run_dir: str = MISSING
-    device: str = "cpu"
-    dtype: DType = DType.float32
+    device: str = "auto"  # auto: cuda where the workers have a GPU, else cpu (resolve_auto)
+    dtype: DType = DType.auto  # auto: bfloat16 on cuda, float32 on cpu
     models: ModelsConfig = field(default_factory=ModelsConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     genome: GenomeConfig = field(default_factory=GenomeConfig)
@@ -156,6 +161,7 @@ class SearchConfig:
     in_flight: int | None = None  # None: generations (loop.py); N: asynchronous, N candidates out (window.py)
     racing: RacingConfig = field(default_factory=RacingConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    report_to: list[str] = field(default_factory=list)  # trackers, as transformers names them (evomerge/track)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
@@ -184,6 +190,37 @@ def smol_world_path(size: str, seed: int, what: str) -> str:
     world = build_smol_world(size="smoke" if size == "tiny" else size, seed=int(seed))
     paths = {"base": world.base, "tasks": world.tasks_dir, **world.experts}
     return str(paths[what])
+
+
+def resolve_auto(cfg: DictConfig) -> None:
+    """Replace ``device=auto`` and ``dtype=auto`` by what they mean where this run starts, and say so: CUDA
+    and bfloat16 where the workers have a GPU (at 7B, float32 sources are ~145 GB), else the CPU and float32
+    (the toy demo; bfloat16 matmuls are slow on most CPUs). Done once, at the run's start: its config.yaml
+    records the result, so a resume or an export elsewhere (a laptop, a node without a GPU) uses the same."""
+    chosen = []
+    if cfg.device == "auto":
+        has_gpu, where = _workers_have_gpu(cfg.executor)
+        cfg.device = "cuda" if has_gpu else "cpu"
+        chosen.append(f"device={cfg.device} ({where})")
+    if str(getattr(cfg.dtype, "value", cfg.dtype)) == "auto":
+        cfg.dtype = "bfloat16" if str(cfg.device).startswith("cuda") else "float32"
+        chosen.append(f"dtype={getattr(cfg.dtype, 'value', cfg.dtype)} (on {cfg.device})")
+    if chosen:
+        print(f"evomerge: {' and '.join(chosen)}; set device= and dtype= to choose otherwise", flush=True)
+
+
+def _workers_have_gpu(executor: DictConfig) -> tuple[bool, str]:
+    """Whether the workers will have a GPU, and how that is known: a Ray cluster that the driver joins
+    (``executor.address``) is asked, since its head node, where the driver runs, may have none."""
+    if executor.kind == "ray" and executor.address is not None:
+        from evomerge.executor.ray_pool import cluster_gpus  # ray only where it is used
+
+        gpus = cluster_gpus(executor.address)
+        return gpus > 0, f"the Ray cluster at {executor.address} has {gpus} GPU(s)"
+    import torch  # here, so that reading a config does not import torch
+
+    available = torch.cuda.is_available()
+    return available, "CUDA is available here" if available else "no CUDA device here"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -229,6 +266,8 @@ def check_config(cfg: DictConfig) -> None:
             raise bad("estimate.anchors", estimate.anchors, "a positive number of anchor items, e.g. 100")
         if estimate.dims < 1:
             raise bad("estimate.dims", estimate.dims, "a positive number of ability dimensions, e.g. 2")
+        if estimate.warmup < 0:
+            raise bad("estimate.warmup", estimate.warmup, "a number of generations >= 0 scored on every item, e.g. 1")
         if racing.enabled or len(cfg.objectives) != 1 or len(cfg.objectives[0].terms) != 1 or cfg.in_flight is not None:
             raise EvomergeError(
                 "estimate.enabled estimates one per-item metric of one task, over whole generations, without "
@@ -277,7 +316,17 @@ def _check_executor(cfg: DictConfig, bad) -> None:
         for key in ("num_workers", "address", "timeout_s"):
             if executor[key] is not None:
                 raise bad(f"executor.{key}", executor[key], "executor=ray: the serial executor runs in this process")
+        if executor.resources:
+            raise bad(
+                "executor.resources", executor.resources, "executor=ray: the serial executor runs in this process"
+            )
         return
+    resources = executor.resources
+    if resources is not None and not isinstance(resources, DictConfig):
+        raise bad("executor.resources", resources, "{name: amount} of custom Ray resources per worker, or null")
+    for name, need in (resources or {}).items():
+        if isinstance(need, bool) or not isinstance(need, (int, float)) or need <= 0:
+            raise bad(f"executor.resources.{name}", need, "a positive amount of a custom Ray resource per worker")
     if executor.threads is None:
         raise bad("executor.threads", None, "a positive number of torch threads (and Ray CPUs) per worker")
     if executor.num_workers is not None and executor.num_workers < 1:

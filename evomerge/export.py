@@ -15,7 +15,7 @@ from evomerge.methods import get_method
 from evomerge.recipe.canonical import canonical_key
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.plain import recipe_from_plain
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, fully_scored
 from evomerge.search.state import SearchState
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,16 @@ def export_run(
         # the search could not tell apart, so the earliest stands for them.
         points = {}
         for member in state.front.members:
-            points.setdefault(member.scores, rows[member.id])
+            if fully_scored(rows[member.id]):  # the loop fronts only those; a front from elsewhere is checked too
+                points.setdefault(member.scores, rows[member.id])
         chosen = list(points.values())
         targets = [Path(out_dir) / f"pareto-{n:02d}" for n in range(len(chosen))]
     else:
         ranked = _ranked(rows)
         if not 1 <= rank <= len(ranked):
             raise EvomergeError(
-                f"--rank {rank} asks for a candidate the run does not have ({len(ranked)} distinct succeeded)",
+                f"--rank {rank} asks for a candidate the run does not have ({len(ranked)} distinct succeeded on "
+                "every item)",
                 f"use a rank from 1 to {len(ranked)}",
             )
         chosen, targets = [ranked[rank - 1]], [Path(out_dir)]
@@ -82,11 +84,13 @@ def export_run(
 
 
 def _ranked(rows: list[dict]) -> list[dict]:
-    """Distinct successful candidates, best first by the first objective (earliest first among ties)."""
+    """Distinct successful candidates scored on every item, best first by the first objective (earliest
+    first among ties). A candidate scored on part of the items (racing, estimated fitness) has an estimate
+    for a score, which is what the search ranked it by but not a result: it is never exported."""
     seen, out = set(), []
     for row in rows:
         key = canonical_key(row["recipe"])  # not row["key"]: older runs wrote it in another format
-        if row["error"] is None and row["scores"][0] is not None and key not in seen:
+        if row["error"] is None and row["scores"][0] is not None and fully_scored(row) and key not in seen:
             seen.add(key)
             out.append(row)
     return sorted(out, key=lambda r: -r["scores"][0])

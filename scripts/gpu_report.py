@@ -3,8 +3,8 @@
     python scripts/gpu_report.py OUT [--out results/gpu_check_cuda.md] [--device cpu] [--note TEXT]
 
 gpu_check.sh runs this at its end; it also runs here on a folder the device tool brought back. Every
-figure comes from OUT's logs (steps.md, env.txt, tests.log, bench.log, memory.log, search.log): a step
-that ran out of time shows what it printed before it stopped.
+figure comes from OUT's logs (steps.md, env.txt, tests.log, bench.log, memory.log, search.log, host.log,
+twin.log, multigpu.log): a step that ran out of time shows what it printed before it stopped.
 """
 
 from __future__ import annotations
@@ -83,6 +83,22 @@ def report(folder: Path, device: str = "cuda", note: str = "") -> str:
         "",
         "```",
         *lines_matching(search, r"^(generations|\| |  toy_|exported|reloaded)"),
+        "```",
+        "",
+        "## The host memory tier streaming (scripts/bench_host_tier.py)",
+        "",
+        *lines_matching(read("host.log"), r"^\| |^host tier:"),
+        "",
+        "## Twin's forward (scripts/twin_bench.py --quick)",
+        "",
+        "```",
+        *read("twin.log").strip().splitlines()[-12:],
+        "```",
+        "",
+        "## The search on 2 GPUs per worker (executor.gpus_per_worker=2)",
+        "",
+        "```",
+        *lines_matching(read("multigpu.log"), r"^(evomerge: memory tier|generations|gpus_per_worker=2)"),
         "```",
         "",
     ]

@@ -18,10 +18,11 @@ import pytest
 import ray
 import torch
 from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.config import CONF_DIR, check_config, register_configs
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.lm_eval_scorer import TaskSet
+from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
 from evomerge.executor.ray_pool import RayExecutor, WorkerActor
 from evomerge.executor.serial import SerialExecutor
 from evomerge.executor.worker import Worker, WorkerSpec
@@ -177,6 +178,17 @@ def test_a_worker_startup_error_reaches_the_driver_as_itself(local_ray, spec, tm
     assert ray.available_resources()["CPU"] == free  # the worker that reported the error was let go
 
 
+def test_a_pool_asking_for_a_resource_no_node_has_is_refused_before_it_waits_forever(local_ray, spec):
+    with pytest.raises(EvomergeError) as caught:
+        RayExecutor(
+            spec=spec, num_workers=2, address=None, threads=1, max_tries=1, timeout_s=None, resources={"fake_gpu": 1}
+        )
+    assert str(caught.value).startswith(
+        "the pool needs 2 of the Ray resource 'fake_gpu' (2 workers x executor.resources.fake_gpu=1) but the Ray "
+        "cluster has 0. start the worker nodes with `ray start --resources='{\"fake_gpu\": N}'`"
+    )
+
+
 def device_fails_once(marker):
     """A WorkerActor whose model runs out of GPU memory on the first candidate it materializes after
     ``marker`` appears (the marker is then removed: a restarted worker sees a healthy device)."""
@@ -240,6 +252,46 @@ def test_the_serial_executor_stops_on_a_device_failure_and_says_to_resume(spec, 
     assert position == 0 and outcome.metrics is None and outcome.error.startswith("ValueError: della")
 
 
+def driver_scored(ref: str, tasks: TaskSet, subset: ItemSubset) -> list[float]:
+    """What the estimate's endpoint scoring did before it moved to the workers: the whole model on one
+    device of the driver, with its own tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    return LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(ref), tasks=tasks).score_items(subset)[0]
+
+
+@pytest.fixture(scope="module")
+def endpoints(toy_world, spec) -> tuple[list[str], ItemSubset, list[list[float]]]:
+    refs = [str(toy_world.base), str(toy_world.experts["math"]), str(toy_world.experts["lang"])]
+    subset = ItemSubset(metric="toy_math/acc")
+    expected = [driver_scored(ref, spec.tasks, subset) for ref in refs]
+    assert len(expected[0]) == 40 and len(set(map(tuple, expected))) > 1  # they do score differently
+    return refs, subset, expected
+
+
+def test_the_serial_worker_scores_the_endpoints_as_the_driver_did(spec, endpoints):
+    """Placed as the worker places its model: across two devices here (the placement's code path, on the
+    CPU); the pool's workers below place theirs on one."""
+    refs, subset, expected = endpoints
+    executor = SerialExecutor(spec=replace(spec, gpus_per_worker=2), threads=1)
+    assert list(executor.score_models(refs, subset)) == expected
+
+
+@pytest.mark.e2e
+def test_a_pool_scores_the_endpoints_on_its_workers_as_the_driver_did(pool, endpoints):
+    refs, subset, expected = endpoints
+    assert list(pool.score_models(refs, subset)) == expected
+
+
+@pytest.mark.e2e
+def test_an_endpoint_a_worker_cannot_score_stops_the_fit_with_the_workers_error(pool, endpoints, tmp_path):
+    refs, subset, _ = endpoints
+    with pytest.raises(EvomergeError) as caught:
+        list(pool.score_models([refs[0], str(tmp_path / "missing")], subset))
+    message = str(caught.value)
+    assert message.startswith(f"a Ray worker failed while scoring '{tmp_path / 'missing'}' on every item")
+    assert "give every node the models at the same paths" in message and "Traceback" not in message
+
+
 GENERATIONS = ("optimizer.popsize=4",)  # CMA-ES, generations of 4
 ASYNCHRONOUS = ("optimizer=tpe", "optimizer.batch_size=4", "optimizer.n_startup_trials=4", "in_flight=4")
 
@@ -274,6 +326,9 @@ def search_config(world, run_dir, *extra, mode=GENERATIONS):
         (["executor=ray", "device=cuda:1"], "device=cuda:1 is not allowed. use device=cuda"),
         (["executor.timeout_s=60"], "executor.timeout_s=60.0 is not allowed. use executor=ray"),
         (["executor=ray", "executor.kind=dask"], "executor.kind"),
+        (["executor=ray", "executor.resources={fake_gpu: 0}"], "executor.resources.fake_gpu=0 is not allowed"),
+        (["executor.resources={fake_gpu: 1}"], "executor.resources={'fake_gpu': 1} is not allowed. use executor=ray"),
+        (["executor=ray", "executor.resources=4"], "executor.resources=4 is not allowed. use {name: amount}"),
     ],
 )
 def test_bad_executor_settings_name_the_key_and_value(toy_world, tmp_path, override, message):

@@ -65,3 +65,10 @@ def test_a_worker_plans_within_its_share_of_host_memory(toy_world):
     assert (plan.tier, plan.precompute) == ("resident", True)
     plan = plan_memory(template, device=cpu, dtype="float32", reserve=0, host_free=NEED - 1)
     assert (plan.tier, plan.precompute) == ("resident", False)
+
+
+def test_only_nodes_with_the_workers_custom_resources_hold_them(spec):
+    """executor.resources: a head node without the resource holds no worker, whatever its memory and CPUs."""
+    nodes = [{"CPU": 8, "memory": 100 * NEED}, {"CPU": 8, "memory": 2.5 * NEED, "model_slot": 4}]
+    count, _, _ = size_pool(spec, 8, explicit=False, nodes=nodes, threads=1, resources={"model_slot": 1})
+    assert count == 2  # the second node: 4 slots, memory for 2

@@ -32,13 +32,15 @@ from evomerge.optimizer.cmaes import CMAESOptimizer
 CONF_DIR = Path(__file__).resolve().parents[1] / "evomerge" / "conf" / "optimizer"
 SHRINK = {
     "cmaes": {},
+    "lq_cmaes": {},
     "nsga2": {"population_size": 10},
     "tpe": {"batch_size": 10, "n_startup_trials": 10},
     "random": {"batch_size": 10},
 }
 ALL = sorted(SHRINK)
 MULTI_OBJECTIVE = ["nsga2", "random", "tpe"]
-LEARNING = ["cmaes", "nsga2", "tpe"]  # the ones that read their scores
+LEARNING = ["cmaes", "lq_cmaes", "nsga2", "tpe"]  # the ones that read their scores
+SINGLE_OBJECTIVE = ["cmaes", "lq_cmaes"]
 
 # Six floats with unequal ranges, so a bug in the unit-box mapping cannot hide.
 FLOAT_SPACE = SearchSpace(dims=[FloatDim(name=f"w{i}", low=-1.0 + i, high=1.0 + 2 * i) for i in range(6)])
@@ -127,7 +129,7 @@ def test_improves_a_sphere_through_ask_tell(name):
         assert best > first  # the baseline only has to keep drawing
     else:
         assert best > first / 5, (first, best)  # squared distance to the optimum shrank five-fold
-    if name == "cmaes":
+    if name in SINGLE_OBJECTIVE:
         assert np.abs(unit(FLOAT_SPACE, best_x) - 0.3).max() < 0.05
 
 
@@ -303,7 +305,7 @@ def test_a_checkpoint_from_another_config_is_refused():
 @pytest.mark.parametrize("config_path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda path: path.stem)
 def test_every_optimizer_config_instantiates(config_path, tmp_path):
     config = OmegaConf.load(config_path)
-    n_objectives = 1 if config_path.stem == "cmaes" else 2
+    n_objectives = 1 if config_path.stem in SINGLE_OBJECTIVE else 2
     optimizer = hydra.utils.instantiate(config, space=MIXED_SPACE, n_objectives=n_objectives, seed=0, run_dir=tmp_path)
     assert isinstance(optimizer, Optimizer)
     assert optimizer.space == MIXED_SPACE  # a real SearchSpace, not a DictConfig made of it

@@ -11,32 +11,14 @@ from evomerge.executor.worker import Outcome
 from evomerge.optimizer.cmaes import CMAESOptimizer
 from evomerge.optimizer.optuna_sampler import TPEOptimizer
 from evomerge.search.loop import Budget, run_search
-from evomerge.search.racing import Race, half_width, round_count, still_running
+from evomerge.search.racing import Race, full_scale, half_width, round_count, still_running
 from evomerge.search.run_folder import RunFolder
 from tests.test_search_loop import OBJECTIVES, fitness, genome
 
-A = [1.0] * 20  # right on every item
-B = [1.0, 0.0] * 10  # right on every other item
-C = [0.0] * 10 + [1.0] * 10  # wrong on the first 10, right on the last 10
-
-
-def test_a_candidate_surely_beaten_in_round_one_is_dropped():
-    """Worked by hand. 3 candidates, 20 items, rounds of 10 then 20 (R = 2), delta = 0.1, CMA's mu = 1.
-    Union bound: 3 pairs x 2 rounds, delta' = 0.1 / 6, ln(2 / delta') = ln(120) = 4.787.
-    After round 1 (n = 10): half width sqrt(2 x 4.787 / 10) = 0.9785.
-    A - C: mean 1.0, lower end 0.0215 > 0: A surely beats C. A - B and B - C: mean 0.5, within 0.9785: open.
-    C surely loses to 1 >= mu candidates, so it is not a parent, and it cannot be the best: dropped.
-    A surely beats 1 < K - mu = 2 candidates and loses to none: running, as is B."""
-    assert round_count(20, 10) == 2
-    assert half_width(10, 0.1 / 6) == pytest.approx(0.9785, abs=1e-4)
-    values = [A[:10], B[:10], C[:10]]
-    assert still_running(values, total=20, selected=1, delta=0.1, rounds=2) == [True, True, False]
-    # With mu = 2, C still surely loses to A (1 < mu) but its parenthood is open: it runs on.
-    assert still_running(values, total=20, selected=2, delta=0.1, rounds=2) == [True, True, True]
-
 
 class TableScorer:
-    """Per-item values from a table, one row per candidate (candidates are the row numbers)."""
+    """Per-item values from a table, one row per candidate (candidates are the row numbers), each row listed
+    in the order the race draws for the generation."""
 
     def __init__(self, table: list[list[float]]) -> None:
         self.table = table
@@ -54,13 +36,41 @@ class TableScorer:
             )
 
 
-def test_the_race_stops_the_beaten_candidate_and_tells_its_estimate():
+A = [1.0] * 38 + [0.0] * 2  # right on every item of round 1 (20 items), 0.95 over all 40
+B = [1.0, 0.0] * 20  # right on every other item: 0.5
+C = [1.0, 1.0] + [0.0] * 18 + [1.0, 1.0] + [0.0] * 18  # right on 2 of the 20 of round 1: 0.1
+
+
+def test_a_candidate_surely_beaten_in_round_one_is_dropped():
+    """Worked by hand. 3 candidates, 40 items, rounds of 20 then 40 (R = 2), delta = 0.1, CMA's mu = 1.
+    Union bound: 3 pairs x 2 rounds, delta' = 0.1 / 6, x = ln(3 / delta') = ln(180) = 5.193.
+    After round 1 (n = 20): A - C has mean 0.9 and mean square 0.9; the bound on the mean square,
+    (sqrt(x / 40) + sqrt(x / 40 + 0.9))^2 = (0.3603 + 1.0148)^2 > 1, is capped at 1, so the half width is
+    sqrt(2 x / 20) + 2 x / 60 = 0.7206 + 0.1731 = 0.8937 < 0.9: A surely beats C.
+    A - B (mean 0.5) and B - C (mean (9 - 1) / 20 = 0.4) are open at that width or wider.
+    C surely loses to 1 >= mu candidates, so it is not a parent, and it cannot be the best: dropped.
+    A surely beats 1 < K - mu = 2 candidates and loses to none: running, as is B."""
+    assert round_count(40, 20) == 2
+    assert half_width(20, 0.9, 0.1 / 6) == pytest.approx(0.8937, abs=1e-4)
+    values = [A[:20], B[:20], C[:20]]
+    assert still_running(values, total=40, selected=1, delta=0.1, rounds=2) == [True, True, False]
+    # With mu = 2, C still surely loses to A (1 < mu) but its parenthood is open: it runs on.
+    assert still_running(values, total=40, selected=2, delta=0.1, rounds=2) == [True, True, True]
+
+
+def test_the_race_tells_a_stopped_candidate_the_references_mean_plus_the_paired_difference():
+    """C stops after 20 items (above). A and B are scored on all 40: A's mean 0.95 is the highest, so A is
+    the reference. C is told A's mean over every item plus C - A over the 20 items they share:
+    0.95 + (0.1 - 1.0) = 0.05, not its own mean over its 20 items (0.1, kept as toy/acc@prefix)."""
     scorer = TableScorer([A, B, C])
-    race = Race(score_items=scorer, metric="toy/acc", first_round=10, delta=0.1, selected=1)
-    outcomes = dict(race([0, 1, 2], proposals=[]))  # proposals: read by a pruner only
-    assert scorer.scored == [(0, 0, 10), (1, 0, 10), (2, 0, 10), (0, 10, 30), (1, 10, 30)]
-    assert [outcomes[i].metrics["toy/acc"] for i in range(3)] == [1.0, 0.5, 0.0]  # C: its 10 items, not 0.5
-    assert [len(outcomes[i].item_values) for i in range(3)] == [20, 20, 10]
+    race = Race(score_items=scorer, metric="toy/acc", first_round=20, delta=0.1, selected=1, seed=0)
+    outcomes = dict(race([0, 1, 2], proposals=[], generation=0))  # proposals: read by a pruner only
+    assert scorer.scored == [(0, 0, 20), (1, 0, 20), (2, 0, 20), (0, 20, 60), (1, 20, 60)]
+    assert outcomes[0].metrics == {"toy/acc": pytest.approx(0.95)}
+    assert outcomes[1].metrics == {"toy/acc": pytest.approx(0.5)}
+    assert outcomes[2].metrics == {"toy/acc": pytest.approx(0.05), "toy/acc@prefix": pytest.approx(0.1)}
+    assert [len(outcomes[i].item_values) for i in range(3)] == [40, 40, 20]
+    assert full_scale([A, B, C[:20]], 40) == pytest.approx([0.95, 0.5, 0.05])
 
 
 ITEMS = 512
@@ -81,7 +91,7 @@ class ItemScorer:
                 raise KeyboardInterrupt("simulated kill")
             self.calls += 1
             p = 1 + fitness(recipe)
-            values = [float(t < p) for t in THRESHOLDS[subset.start : subset.stop]]
+            values = [float(t < p) for t in THRESHOLDS[subset.positions_in(ITEMS)]]
             self.items += len(values)
             yield position, Outcome(metrics=None, error=None, seconds=0.001, item_values=values, items_total=ITEMS)
 
@@ -96,6 +106,7 @@ def raced_search(path, scorer, *, evaluations=48, optimizer=None):
         first_round=16,
         delta=0.2,
         selected=optimizer.selected_count(),
+        seed=0,
         should_prune=should_prune,
     )
     run = RunFolder(path)
@@ -228,5 +239,47 @@ def test_lm_eval_scores_items_by_racing_position(toy_world):
     assert sum(every) / total == pytest.approx(scorer.score()["toy_math/acc"], abs=1e-12)
     window, _ = scorer.score_items(ItemSubset(metric="toy_math/acc", start=5, stop=35))
     assert window == every[5:35]
+    # A race's generation order: positions count in racing order permuted by default_rng((seed, generation)).
+    shuffled, _ = scorer.score_items(ItemSubset(metric="toy_math/acc", start=5, stop=35, shuffle=(3, 1)))
+    assert shuffled == [every[p] for p in np.random.default_rng([3, 1]).permutation(total)[5:35]]
     with pytest.raises(EvomergeError, match="toy_math/acc"):
         scorer.score_items(ItemSubset(metric="toy_math/no_such_metric", start=0, stop=4))
+
+
+class FailingTableScorer(TableScorer):
+    """A table scorer under which ``failing`` fails from item ``start`` on (a worker lost mid-race)."""
+
+    def __init__(self, table, *, failing: int, start: int) -> None:
+        super().__init__(table)
+        self.failing, self.from_item = failing, start
+
+    def __call__(self, recipes, subset):
+        for position, outcome in super().__call__(recipes, subset):
+            if recipes[position] == self.failing and subset.start >= self.from_item:
+                outcome = Outcome(metrics=None, error="worker lost", seconds=0.0)
+            yield position, outcome
+
+
+def test_when_no_candidate_is_left_running_the_leader_is_scored_on_the_rest():
+    """optuna's pruner stops all three after round 1 (20 items): the one with the most items and the highest
+    mean there, A (1.0), is scored on the other 20, to be the reference: B is told 0.95 + (0.5 - 1.0), C 0.05.
+    If A fails on them, B (0.5) takes its place: A is logged failed, and C is told 0.5 + (0.1 - 0.5) = 0.1."""
+    scorer = TableScorer([A, B, C])
+    race = Race(
+        score_items=scorer,
+        metric="toy/acc",
+        first_round=20,
+        delta=0.1,
+        selected=None,
+        seed=0,
+        should_prune=lambda proposal, items, mean: True,
+    )
+    outcomes = dict(race([0, 1, 2], proposals=[None] * 3, generation=0))
+    assert scorer.scored == [(0, 0, 20), (1, 0, 20), (2, 0, 20), (0, 20, 40)]
+    assert [outcomes[i].metrics["toy/acc"] for i in range(3)] == pytest.approx([0.95, 0.45, 0.05])
+    scorer = FailingTableScorer([A, B, C], failing=0, start=20)
+    race.score_items = scorer
+    outcomes = dict(race([0, 1, 2], proposals=[None] * 3, generation=0))
+    assert scorer.scored == [(0, 0, 20), (1, 0, 20), (2, 0, 20), (0, 20, 40), (1, 20, 40)]
+    assert outcomes[0].metrics is None and outcomes[0].error == "worker lost"
+    assert [outcomes[i].metrics["toy/acc"] for i in (1, 2)] == pytest.approx([0.5, 0.1])

@@ -130,8 +130,9 @@ class LMEvalScorer:
         """Per-item values of one leaf task's metric on positions ``start:stop`` (or ``positions``) of its
         items in racing order, and how many items that order holds (the ``limit`` subsample, or every item).
 
-        Racing order is one fixed shuffle (``sample_seed``), so every candidate and every generation sees
-        the same items in the same order, and any prefix is a uniform sample of the task.
+        Racing order is one fixed shuffle (``sample_seed``), so every candidate sees the same items in the
+        same order, and any prefix is a uniform sample of the task; a race permutes it again for each
+        generation (``ItemSubset.shuffle``).
         """
         task_name, metric, filter_name = _split_metric(subset.metric)
         task = self.loaded["tasks"].get(task_name)
@@ -141,10 +142,7 @@ class LMEvalScorer:
                 f"race a metric of one of: {', '.join(sorted(self.loaded['tasks']))}",
             )
         order = self._racing_order(task_name, task)
-        if subset.positions is None:
-            indices = order[subset.start : subset.stop]
-        else:
-            indices = [order[position] for position in subset.positions]
+        indices = [order[position] for position in subset.positions_in(len(order))]
         if not indices:
             return [], len(order)  # lm-eval reads an empty selection as "every item"
         tasks = self.tasks
@@ -192,12 +190,21 @@ class LMEvalScorer:
 @dataclass(frozen=True)
 class ItemSubset:
     """Items ``start:stop`` of ``metric``'s task in racing order, or the items at ``positions`` of that
-    order (estimated fitness: the anchors); ``metric`` as the objectives name it."""
+    order (estimated fitness: the anchors); ``metric`` as the objectives name it. With ``shuffle`` (a race's
+    (seed, generation)), positions count in racing order permuted by ``numpy.random.default_rng(shuffle)``."""
 
     metric: str
     start: int = 0
     stop: int | None = None
     positions: tuple[int, ...] | None = None
+    shuffle: tuple[int, ...] | None = None
+
+    def positions_in(self, total: int) -> list[int]:
+        """The positions in racing order, of a task of ``total`` items, that this subset selects."""
+        order = range(total) if self.shuffle is None else np.random.default_rng(self.shuffle).permutation(total)
+        if self.positions is None:
+            return [int(position) for position in order[self.start : self.stop]]
+        return [int(order[position]) for position in self.positions]
 
 
 def _split_metric(name: str) -> tuple[str, str, str]:

@@ -25,16 +25,26 @@ from evomerge.executor.worker import WorkerSpec, reference_folder, scoring_reser
 
 
 def size_pool(
-    spec: WorkerSpec, count: int, *, explicit: bool, nodes: Sequence[dict[str, float]], threads: int
+    spec: WorkerSpec,
+    count: int,
+    *,
+    explicit: bool,
+    nodes: Sequence[dict[str, float]],
+    threads: int,
+    resources: dict[str, float] | None = None,
 ) -> tuple[int, WorkerSpec, int | None]:
     """``(workers, spec, bytes Ray reserves per worker or None)`` for a pool of ``count`` workers (``explicit``:
-    the user set executor.num_workers) on ``nodes``, each node's Ray resources (CPU, GPU, memory)."""
-    if torch.device(spec.device).type == "cuda":
-        shares = [
-            int(node.get("memory", 0)) // workers
-            for node in nodes
-            if (workers := min(count, int(node.get("GPU", 0)) // spec.gpus_per_worker)) > 0
-        ]
+    the user set executor.num_workers) on ``nodes``, each node's Ray resources (CPU, GPU, memory, custom),
+    each worker taking ``threads`` CPUs and ``resources`` (executor.resources) besides."""
+
+    def slots(node: dict[str, float]) -> int:
+        """Workers the node can place, memory aside."""
+        by_device = int(node.get("GPU", 0)) // spec.gpus_per_worker if on_gpu else int(node.get("CPU", 0)) // threads
+        return min([by_device, *(int(node.get(name, 0) // amount) for name, amount in (resources or {}).items())])
+
+    on_gpu = torch.device(spec.device).type == "cuda"
+    if on_gpu:
+        shares = [int(node.get("memory", 0)) // workers for node in nodes if (workers := min(count, slots(node))) > 0]
         return count, replace(spec, host_bytes=min(shares)) if shares else spec, None
     largest = max(int(node.get("memory", 0)) for node in nodes)
     plan = plan_memory(
@@ -47,11 +57,11 @@ def size_pool(
         host_free=largest,
     )
     need = sum(plan.device_parts.values()) + sum(plan.host_parts.values())
-    held = [min(int(node.get("CPU", 0)) // threads, int(node.get("memory", 0)) // need) for node in nodes]
+    held = [min(slots(node), int(node.get("memory", 0)) // need) for node in nodes]
     fit = sum(held)
     if fit == 0 or (explicit and count > fit):
         per_node = ", ".join(
-            f"{node.get('memory', 0) / 2**30:.1f} GiB and {int(node.get('CPU', 0)) // threads} CPU slot(s) hold {k}"
+            f"{node.get('memory', 0) / 2**30:.1f} GiB and {slots(node)} slot(s) hold {k}"
             for node, k in zip(nodes, held, strict=True)
         )
         raise EvomergeError(

@@ -1,4 +1,5 @@
-"""Score candidates on a pool of Ray actors: one per GPU, or one per ``threads`` CPUs without a GPU.
+"""Score candidates on a pool of Ray actors: one per GPU, or one per ``threads`` CPUs without a GPU (and,
+with ``executor.resources``, only where each worker's custom Ray resources are free).
 
 Each actor builds one ``Worker`` from the same ``WorkerSpec`` as the serial executor, reading the
 sources from their (shared) paths itself: only recipes and scores cross Ray's object store. The
@@ -23,12 +24,12 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import ItemSubset
@@ -54,8 +55,12 @@ class WorkerActor:
 
     # Retried through restarts: it answers once the actor is back, which is when it can take work.
     @ray.method(max_task_retries=-1)
-    def ready(self) -> tuple[int, tuple[str, str] | None]:
-        return os.getpid(), self.startup_error
+    def ready(self) -> tuple[int, str, tuple[str, str] | None, dict | None]:
+        started = None if self.worker is None else self.worker.started
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.startup_error, started
+
+    def score_model(self, ref: str, subset: ItemSubset) -> list[float]:
+        return self.worker.score_model(ref, subset)
 
     def evaluate(self, recipe: Recipe, subset: ItemSubset | None = None) -> Outcome:
         try:
@@ -111,21 +116,29 @@ class RayExecutor:
         threads: int,
         max_tries: int,
         timeout_s: float | None,
+        on_worker: Callable[[dict], None] | None = None,
+        resources: dict[str, float] | None = None,
     ) -> None:
+        """``on_worker``: called with each worker's ``Worker.started`` as it starts, restarts included."""
+        self.on_worker = on_worker
         self.owns_ray = _connect(address)
         self.max_tries = max_tries
         self.timeout_s = timeout_s
         on_gpu = torch.device(spec.device).type == "cuda"
         gpus = spec.gpus_per_worker if on_gpu else 0
-        count = num_workers or _slots(on_gpu=on_gpu, threads=threads, gpus=gpus)
-        _check_room(count, on_gpu=on_gpu, threads=threads, gpus=gpus)
+        resources = resources or {}
+        count = num_workers or _slots(on_gpu=on_gpu, threads=threads, gpus=gpus, resources=resources)
+        _check_room(count, on_gpu=on_gpu, threads=threads, gpus=gpus, resources=resources)
         # Workers on one node share its memory: sized per node before any loads (executor/node_memory.py).
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        count, spec, memory = size_pool(spec, count, explicit=num_workers is not None, nodes=nodes, threads=threads)
+        count, spec, memory = size_pool(
+            spec, count, explicit=num_workers is not None, nodes=nodes, threads=threads, resources=resources
+        )
         actor_class = ray.remote(WorkerActor).options(
             num_cpus=threads,
             num_gpus=gpus,
             memory=memory,
+            resources=resources,  # custom per-node resources (executor.resources): which nodes may hold a worker
             max_restarts=-1,  # deaths are counted per candidate (max_tries), not per actor
             max_task_retries=0,  # a candidate that killed its worker is re-run by us, and counted
         )
@@ -133,6 +146,7 @@ class RayExecutor:
         actor_spec = replace(spec, device="cuda") if on_gpu else spec
         self.actors = [actor_class.remote(spec=actor_spec, threads=threads) for _ in range(count)]
         self.pids: dict[ray.actor.ActorHandle, int] = {}
+        self.nodes: dict[ray.actor.ActorHandle, str] = {}  # the Ray node id each live worker runs on
         self._idle: deque = deque()
         self._restarting = {actor.ready.remote(): actor for actor in self.actors}
         try:
@@ -141,6 +155,8 @@ class RayExecutor:
         except BaseException:
             self.close()  # a worker that started would otherwise hold its CPU or GPU until Ray shuts down
             raise
+        nodes = sorted(set(self.nodes.values()))
+        print(f"evomerge: {count} Ray worker(s) on {len(nodes)} node(s): {', '.join(nodes)}", flush=True)
 
     def worker_pids(self) -> list[int]:
         """The process id of each live worker (to watch them, or kill one to test recovery)."""
@@ -189,6 +205,22 @@ class RayExecutor:
             self._dispatch(queue, recipes, lines, subset)  # a freed actor works while the loop logs this row
             yield job.position, outcome
 
+    def score_models(self, refs: list[str], subset: ItemSubset) -> Iterator[list[float]]:
+        """Each model's values on ``subset``'s items, in the order of ``refs``: the models spread over
+        the workers (one each, in turn), all scoring at once. Called before any candidate is sent."""
+        calls = [self.actors[i % len(self.actors)].score_model.remote(ref, subset) for i, ref in enumerate(refs)]
+        for ref, call in zip(refs, calls, strict=True):
+            try:
+                yield ray.get(call)
+            except (RayActorError, RayTaskError) as error:
+                last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+                raise EvomergeError(
+                    f"a Ray worker failed while scoring '{ref}' on every item for the estimate: {last}",
+                    "a path the node cannot read: give every node the models at the same paths; out of memory: the "
+                    "worker's sources and the endpoint (a copy of the model, while it is scored) do not fit together, "
+                    "so use executor.tier=host or disk, or more executor.gpus_per_worker; then start the run again",
+                ) from None
+
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
@@ -223,6 +255,12 @@ class RayExecutor:
             if error.actor_init_failed:
                 raise _startup_failure(error) from None
             self.pids.pop(actor, None)
+            print(
+                f"evomerge: the Ray worker on node {self.nodes.pop(actor, '?')} died mid-candidate; Ray restarts it "
+                "where it can, and the candidate is queued again",
+                file=sys.stderr,
+                flush=True,
+            )
             self._restarting[actor.ready.remote()] = actor
             return None
         # A kill may cross the finished call; the actor is then restarting and must not take work yet.
@@ -240,12 +278,14 @@ class RayExecutor:
     def _await_restart(self, ref: ray.ObjectRef) -> None:
         actor = self._restarting.pop(ref)
         try:
-            pid, startup_error = ray.get(ref)
+            pid, node, startup_error, started = ray.get(ref)
         except RayActorError as error:
             raise _startup_failure(error) from None
         if startup_error is not None:
             raise EvomergeError(*startup_error)
-        self.pids[actor] = pid
+        if self.on_worker is not None and self.pids.get(actor) != pid:  # a new process: a start or a restart
+            self.on_worker(started)
+        self.pids[actor], self.nodes[actor] = pid, node
         self._idle.append(actor)
 
     def _wait_s(self, lines: dict[ray.actor.ActorHandle, deque[_Job]]) -> float | None:
@@ -283,18 +323,34 @@ def _connect(address: str | None) -> bool:
     return False
 
 
-def _slots(*, on_gpu: bool, threads: int, gpus: int) -> int:
-    """One worker per ``gpus`` GPUs, or per ``threads`` CPUs, that the cluster has free now (what others
-    hold would leave workers waiting for a place, and the pool with them)."""
-    resources = ray.available_resources()
-    count = int(resources.get("GPU", 0)) // gpus if on_gpu else int(resources.get("CPU", 0)) // threads
+def cluster_gpus(address: str) -> int:
+    """The GPUs of the Ray cluster at ``address`` (joined, for the pool that follows)."""
+    _connect(address)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _slots(*, on_gpu: bool, threads: int, gpus: int, resources: dict[str, float]) -> int:
+    """One worker per ``gpus`` GPUs, or per ``threads`` CPUs, and per ``resources``, that the cluster has
+    free now (what others hold would leave workers waiting for a place, and the pool with them)."""
+    free = ray.available_resources()
+    count = int(free.get("GPU", 0)) // gpus if on_gpu else int(free.get("CPU", 0)) // threads
+    for name, need in resources.items():
+        count = min(count, int(free.get(name, 0) // need))
     return max(count, 1)
 
 
-def _check_room(count: int, *, on_gpu: bool, threads: int, gpus: int) -> None:
+def _check_room(count: int, *, on_gpu: bool, threads: int, gpus: int, resources: dict[str, float]) -> None:
     """A pool larger than the cluster would wait forever for actors that cannot be placed."""
-    resources = ray.cluster_resources()
-    have, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    total = ray.cluster_resources()
+    have, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
+    for name, need in resources.items():
+        if total.get(name, 0) < count * need:
+            raise EvomergeError(
+                f"the pool needs {count * need:g} of the Ray resource '{name}' ({count} workers x "
+                f"executor.resources.{name}={need:g}) but the Ray cluster has {total.get(name, 0):g}",
+                f"start the worker nodes with `ray start --resources='{{\"{name}\": N}}'`, or lower "
+                "executor.num_workers, or drop it from executor.resources",
+            )
     if on_gpu and have < count * gpus:
         raise EvomergeError(
             f"the pool needs {count * gpus} GPU(s) ({count} workers x executor.gpus_per_worker={gpus}) but the "

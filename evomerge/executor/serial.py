@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -13,12 +13,17 @@ from evomerge.recipe.recipe import Recipe
 
 
 class SerialExecutor:
-    def __init__(self, *, spec: WorkerSpec, threads: int | None = None) -> None:
+    def __init__(
+        self, *, spec: WorkerSpec, threads: int | None = None, on_worker: Callable[[dict], None] | None = None
+    ) -> None:
+        """``on_worker``: called with each worker's ``Worker.started`` (its name and memory-tier line)."""
         if threads is not None:
             # On a shared CPU, fewer torch threads can be faster: one thread ran the toy model's
             # forward pass 4x faster than two on a 2-core box busy with other work.
             torch.set_num_threads(threads)
         self.worker = Worker(spec)
+        if on_worker is not None:
+            on_worker(self.worker.started)
 
     def evaluate(self, recipes: list[Recipe], subset: ItemSubset | None = None) -> Iterator[tuple[int, Outcome]]:
         """Yield ``(position, outcome)`` as each candidate is scored, so the loop can log it at once.
@@ -37,6 +42,11 @@ class SerialExecutor:
                     "candidate worst",
                 ) from failure
             yield position, outcome
+
+    def score_models(self, refs: list[str], subset: ItemSubset) -> Iterator[list[float]]:
+        """Each model's values on ``subset``'s items, in the order of ``refs``, scored by the worker."""
+        for ref in refs:
+            yield self.worker.score_model(ref, subset)
 
     def close(self) -> None:
         self.worker = None

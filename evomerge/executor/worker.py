@@ -10,6 +10,8 @@ GPU (or CPU slot) as an actor. Both build it from the same ``WorkerSpec``.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ class Outcome:
     # Racing only: the raced metric's value on each item scored, in racing order, and how many items there are.
     item_values: list[float] | None = None
     items_total: int | None = None
+    worker: str | None = None  # ``host:pid`` of the worker that scored it (Worker.name)
 
 
 class DeviceFailure(Exception):
@@ -124,9 +127,21 @@ def scoring_reserve(spec: WorkerSpec, folder) -> int | dict[str, int]:
     )
 
 
+def load_placed(folder: str, devices: list[str], *, dtype: str) -> torch.nn.Module:
+    """The model in ``folder``, in ``dtype``, on ``devices``: one device, or layers across several
+    (``device_map``: executor.gpus_per_worker)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_type = torch_dtype(dtype)
+    if len(devices) > 1:
+        placed = device_map(Checkpoint.open(folder), devices, itemsize=torch_type.itemsize)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_type, device_map=placed).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_type).to(devices[0]).eval()
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one model load; its bar would bury the search's
@@ -151,17 +166,15 @@ class Worker:
             reserve_required=spec.reserve_bytes is not None,
             host_free=spec.host_bytes,
         )
-        print(f"evomerge: {self.memory.describe(device)}", flush=True)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Also in the run folder's workers.jsonl (the executor hands it on), for `evomerge status`.
+        self.started = {"worker": self.name, "time": time.time(), "memory": self.memory.describe(device)}
+        print(f"evomerge: {self.started['memory']}", flush=True)
         if isinstance(template, DataFlowRecipe):
             self.merger = DataFlowRouter.load(template, device=device, dtype=torch_dtype(spec.dtype))
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
-            dtype = torch_dtype(spec.dtype)
-            if len(devices) > 1:
-                placed = device_map(Checkpoint.open(folder), devices, itemsize=dtype.itemsize)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=placed).eval()
-            else:
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            model = load_placed(folder, devices, dtype=spec.dtype)
             self.merger = InPlaceMerger(
                 model=model, template=template, tier=self.memory.tier, precompute=self.memory.precompute
             )
@@ -170,6 +183,23 @@ class Worker:
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
         self.scorer = LMEvalScorer(model=self.merger.model, tokenizer=tokenizer, tasks=spec.tasks)
+        self.devices, self.dtype, self.tasks = devices, spec.dtype, spec.tasks
+
+    def score_model(self, ref: str, subset: ItemSubset) -> list[float]:
+        """Model ``ref``'s values on ``subset``'s items, loaded from its own folder (with its own tokenizer)
+        and placed as this worker places its model: the estimate's endpoints, scored where the candidates
+        are (a 70B endpoint spans the worker's GPUs; a driver without a GPU scores nothing). The model is
+        a copy beside the worker's sources for the time it is scored, then freed."""
+        from transformers import AutoTokenizer
+
+        folder = resolve_model(ref).path
+        model = load_placed(folder, self.devices, dtype=self.dtype)
+        scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), tasks=self.tasks)
+        values, _ = scorer.score_items(subset)
+        del scorer, model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next candidate's activations get the endpoint's memory back
+        return values
 
     def evaluate(self, recipe: Recipe | DataFlowRecipe, subset: ItemSubset | None = None) -> Outcome:
         """Materialize and score one candidate (on every metric, or on ``subset``'s items of the raced
@@ -185,13 +215,14 @@ class Worker:
                     seconds=time.perf_counter() - start,
                     item_values=values,
                     items_total=total,
+                    worker=self.name,
                 )
             metrics = self.scorer.score()
         except Exception as error:  # noqa: BLE001 - a bad candidate (e.g. della's density±epsilon
             # outside (0, 1)) must not end the search: it is logged and scored as the worst.
             if _is_device_failure(error):
                 raise DeviceFailure(_described(error, frames=0)) from error
-            return Outcome(metrics=None, error=_described(error), seconds=time.perf_counter() - start)
+            return Outcome(metrics=None, error=_described(error), seconds=time.perf_counter() - start, worker=self.name)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         error = f"non-finite metric(s): {', '.join(bad)}" if bad else None
-        return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start)
+        return Outcome(metrics=metrics, error=error, seconds=time.perf_counter() - start, worker=self.name)

@@ -4,7 +4,7 @@ Where the sources are kept is the worker's memory tier (``executor/memory.py`` p
 - ``resident``: on the model's device, in the form the method reads (task vectors computed once, here, not
   per candidate), with what a method declares it derives from its inputs alone (its ``precompute``: TIES'
   sorted magnitudes, slerp's norms, DARE's draws for the recipe's seed) where that fits too;
-- ``host``: in host memory (pinned, on a GPU machine), copied to the device a tensor at a time per
+- ``host``: in host memory (one buffer, pinned on a GPU machine: host_buffer.py), copied to the device a tensor at a time per
   candidate, the next tensor's copy running on a side stream while this one merges;
 - ``disk``: read from the checkpoints (the page cache, once warm) a tensor at a time per candidate.
 Outside ``resident``, and where the precompute does not fit, the method runs its eager path, which merges
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.materialize.host_buffer import HostBuffer
 from evomerge.materialize.plan import method_kwargs, validate
 from evomerge.materialize.sources import MergeSources
 from evomerge.methods import MergeMethod
@@ -66,15 +67,25 @@ class InPlaceMerger:
         self._precomputed: dict[tuple[object, int | None], dict[str, object]] = {}
         self.tier, self._precompute = tier, precompute and tier == "resident"
         self._sources, self._method = sources, method
-        if tier != "disk":
-            with torch.no_grad():
+        # The host tier's sources, all in one buffer (materialize/host_buffer.py says why one).
+        self._host: HostBuffer | None = None
+        with torch.no_grad():
+            if tier == "resident":
                 for name, target in self._targets.items():
                     # Each tensor merges on the device that holds its parameter (a model placed across
                     # several GPUs: executor.gpus_per_worker), so its resident inputs live there too.
-                    kept = target.device if tier == "resident" else torch.device("cpu")
-                    base, stacked = sources.inputs(method, name, device=kept, dtype=self.dtype)
-                    pin = tier == "host" and target.device.type == "cuda"
-                    self._resident[name] = (_pinned(base), _pinned(stacked)) if pin else (base, stacked)
+                    self._resident[name] = sources.inputs(method, name, device=target.device, dtype=self.dtype)
+            elif tier == "host":
+                self._host = HostBuffer({name: sources.input_shapes(name) for name in self._targets}, dtype=self.dtype)
+                for name in self._targets:
+                    base, stacked = self._host.views(name)
+                    read_base, read_stacked = sources.inputs(method, name, device=torch.device("cpu"), dtype=self.dtype)
+                    stacked.copy_(read_stacked)
+                    if base is not None:
+                        base.copy_(read_base)
+                    self._resident[name] = (base, stacked)
+                if any(target.device.type == "cuda" for target in self._targets.values()):
+                    self._host.pin()
 
     def materialize(self, recipe: Recipe) -> None:
         """Overwrite the model's weights with ``recipe``'s merge of the resident sources."""
@@ -127,34 +138,34 @@ class InPlaceMerger:
         return method
 
 
-def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.pin_memory()
-
-
 def _streamed(
-    kept: dict[str, tuple[torch.Tensor | None, torch.Tensor]], devices: dict[str, torch.device]
+    kept: dict[str, tuple[torch.Tensor | None, torch.Tensor]], devices: dict[str, torch.device], cuda=torch.cuda
 ) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
     """Host tensors copied to their GPU one tensor ahead of the merge: tensor k+1 is copied on a side
-    stream of its device while tensor k merges on the current one, and each copy is freed once its merge
-    has run."""
+    stream of its device while tensor k merges on the compute stream, and each copy is freed once its
+    merge has run. ``cuda``: the module whose streams are used (a test passes a recording fake)."""
     sides: dict[torch.device, torch.cuda.Stream] = {}
 
     def copy(name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
         device = devices[name]
-        side = sides.setdefault(device, torch.cuda.Stream(device))
-        with torch.cuda.stream(side):
-            side.wait_stream(torch.cuda.current_stream(device))  # reused buffers are free of earlier merges
+        side = sides.setdefault(device, cuda.Stream(device))
+        # Taken before entering the side stream, inside which it would be the side stream itself: the copy
+        # waits for the merges queued so far, so memory they free and the allocator hands to the copy is
+        # not written while they still read it.
+        compute = cuda.current_stream(device)
+        side.wait_stream(compute)
+        with cuda.stream(side):
             return tuple(None if t is None else t.to(device, non_blocking=True) for t in kept[name])
 
     names = list(kept)
     ahead = copy(names[0]) if names else None
     for index, name in enumerate(names):
-        current = torch.cuda.current_stream(devices[name])
-        current.wait_stream(sides[devices[name]])
+        compute = cuda.current_stream(devices[name])
+        compute.wait_stream(sides[devices[name]])  # the merge reads the copy once it has landed
         pair = ahead
         for tensor in pair:
-            if tensor is not None:
-                tensor.record_stream(current)  # freed after the merge that reads it, not after the copy
+            if tensor is not None and tensor.is_cuda:
+                tensor.record_stream(compute)  # freed after the merge that reads it, not after the copy
         ahead = copy(names[index + 1]) if index + 1 < len(names) else None
         yield name, pair
 

@@ -126,6 +126,11 @@ class MergeSources:
         """The sources saved with tied embeddings that are merged as untied ones (their head: their embedding)."""
         return [c.ref for c in self.all if isinstance(c, TiedHead)]
 
+    def input_shapes(self, name: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+        """The shapes of ``inputs``' ``(base, stacked)`` for tensor ``name``, read from the headers alone."""
+        shape = self.shape(name)
+        return (shape if self.base is not None else None), (len(self.models), *shape)
+
     def inputs(
         self, method: MergeMethod, name: str, *, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor | None, torch.Tensor]:

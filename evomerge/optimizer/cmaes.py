@@ -39,7 +39,10 @@ class CMAESOptimizer(Optimizer):
     """Single-objective CMA-ES in the unit box; binary dims are continuous to CMA and thresholded at 0.5.
 
     It starts at the space's start point when the genome gives one (a DFS path of one source), else at
-    the centre of the box, with step size sigma0 (unit-box units) around it.
+    the centre of the box, with step size sigma0 (unit-box units) around it. A genome's start point is
+    itself the first candidate of the first generation: sampled around, a DFS start is rarely hit
+    (its on/off genes sit on the box's faces), and a search must not end below the model it started
+    from without knowing it. The centre of the box is not scored (see `__init__`).
 
     CMA is told the continuous values it asked, not the thresholded ones, so its distribution update
     stays consistent. Bounds use pycma's default `BoundTransform`, so every asked point is in the box.
@@ -84,11 +87,22 @@ class CMAESOptimizer(Optimizer):
             options["popsize"] = popsize
         x0 = [0.5] * dimension if space.start is None else [*space.start, 0.5][:dimension]
         self._es = cma.CMAEvolutionStrategy(x0, sigma0, options)
+        if space.start is not None:
+            # pycma's mean is x0 in its genotype (the bounds are a transform). Injected with force, it
+            # takes the place of the first generation's first sample (the population stays popsize),
+            # comes back from ask() as x0 itself, and is ranked with the rest, so CMA-ES knows when
+            # its start beats every sample. The pending injection lives in the es and pickles with it.
+            # Not the centre of the box: on a DFS box it thresholds to every slot on, and on a
+            # parameter-space box its zero step in the rank-mu update shrinks the covariance (ties, 4
+            # genes, popsize 8, 160 evaluations, 12 seeds: median best -0.095 injected, -0.032 not).
+            self._es.inject([self._es.mean.copy()], force=True)
         self._next_id = 0
         self._asked_unit: np.ndarray | None = None
 
     def selected_count(self) -> int:
-        return int(self._es.sp.weights.mu)  # the parents CMA-ES recombines: their order matters, the rest's not
+        # The parents CMA-ES recombines. The rest's order matters too: pycma's active CMA (on by default)
+        # weights the worst lambda - mu negatively, so a race tells every candidate a full-task estimate.
+        return int(self._es.sp.weights.mu)
 
     def _ask_generation(self) -> list[Proposal]:
         with _BLAS.limit(limits=1, user_api="blas"):

@@ -2,37 +2,38 @@
 accuracy on every item is estimated by item-response theory (evaluate/irt.py, tinyBenchmarks' gp-IRT).
 
 At the start of a run, the base and every expert are scored on every item of the task, once; the IRT
-model is fitted on those results and its anchors chosen (``estimate.anchors`` items). Both are cached in
-the run folder (``irt.json``), so a resumed run reads them instead of scoring the endpoints again. With
-``estimate.refit`` (the default), the model is fitted again after each generation on every candidate
-scored on every item so far as well (``Fit``), at no cost in items.
+model is fitted on those results (``irt.json`` keeps them, so a resumed run does not score them again).
+The first ``estimate.warmup`` generations are scored on every item too, and fitted on (``Fit``).
 
-In each generation every candidate is scored on the anchors and the optimizer is told its estimate. The
-generation's best estimate is then scored on the task's other items as well, and the optimizer is told
-its real accuracy: so every candidate that can become the run's best has been scored on every item
-(loop.py reports only those), and each such row logs the estimate beside the real value
-(``<metric>@estimate``), which is the estimator's error against full scoring (``estimator_error``).
+In each later generation every candidate is scored on the anchors (``estimate.anchors`` items) and its
+accuracy estimated; the generation's best estimate is then scored on the task's other items as well.
+So every candidate that can become the run's best has been scored on every item (loop.py reports only
+those), and each such row logs the estimate beside the real value (``<metric>@estimate``): the
+estimator's error against full scoring (``estimator_error``). The optimizer is told one scale (``Estimate``).
+With ``estimate.refit`` (the default) that best is fitted on too, at no cost in items.
 
-A kill mid-generation logs nothing of that generation, and the resumed run scores it again identically.
+A kill mid-generation logs nothing of that generation, and a kill between two of its rows makes the
+resumed run score it again whole (loop.py), identically.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.irt import AnchorEstimator
-from evomerge.evaluate.lm_eval_scorer import ItemSubset, LMEvalScorer, TaskSet
+from evomerge.evaluate.lm_eval_scorer import ItemSubset
 from evomerge.executor.worker import Outcome
 from evomerge.genome.contract import Candidate
 from evomerge.io.atomic import atomic_write_text
-from evomerge.io.locate import resolve_model
 from evomerge.recipe.dataflow import DataFlowRecipe
 from evomerge.recipe.recipe import Recipe
 from evomerge.search.racing import ScoreItems
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, fully_scored
 
 FIT_FILE = "irt.json"
 ESTIMATE_SUFFIX = "@estimate"
@@ -47,46 +48,30 @@ def endpoints(template: Recipe | DataFlowRecipe) -> list[str]:
     return list(dict.fromkeys(str(ref) for ref in refs))
 
 
-def score_endpoint(ref: str, tasks: TaskSet, metric: str, *, device: str, dtype: str) -> list[float]:
-    """One model's value of ``metric`` on every item of its task, in racing order, scored from its own folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.dtypes import torch_dtype
-    from evomerge.materialize.to_disk import resolve_device
-
-    folder = resolve_model(ref).path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).to(resolve_device(device)).eval()
-    scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), tasks=tasks)
-    values, _ = scorer.score_items(ItemSubset(metric=metric))
-    del scorer, model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return values
-
-
 def fitted_estimator(
     run_dir: Path,
     template: Recipe | DataFlowRecipe,
-    tasks: TaskSet,
     metric: str,
     *,
     anchors: int,
     dims: int,
     seed: int,
     refit: bool,
-    device: str,
-    dtype: str,
+    warmup: int,
+    score_models: Callable[[list[str], ItemSubset], Iterable[list[float]]],
 ) -> Fit:
-    """The run's fit, from ``irt.json`` when an earlier start wrote it, else fitted now (and written)."""
+    """The run's fit, from ``irt.json`` when an earlier start wrote it, else fitted now (and written).
+
+    ``score_models``: the executor's, which scores each endpoint on the workers, placed as they place the
+    candidates (``executor.gpus_per_worker``), so the driver needs neither a GPU nor room for a model."""
     path = run_dir / FIT_FILE
     if path.exists():
-        return Fit.read(run_dir, n_anchors=anchors, dims=dims, seed=seed, refit=refit)
+        return Fit.read(run_dir, n_anchors=anchors, dims=dims, seed=seed, refit=refit, warmup=warmup)
     models = endpoints(template)
+    print(f"evomerge: estimated fitness: scoring {', '.join(models)} on every item of {metric}", flush=True)
     responses = []
-    for ref in models:
-        print(f"evomerge: estimated fitness: scoring {ref} on every item of {metric}", flush=True)
-        responses.append(score_endpoint(ref, tasks, metric, device=device, dtype=dtype))
+    for values in score_models(models, ItemSubset(metric=metric)):
+        responses.append(values)
         if anchors >= len(responses[0]):
             raise EvomergeError(
                 f"estimate.anchors={anchors}, but {metric} has {len(responses[0])} items: scoring every candidate "
@@ -94,70 +79,122 @@ def fitted_estimator(
                 f"set estimate.anchors below {len(responses[0])} (tinyBenchmarks uses about 100 of 1,000+ items; "
                 "on a task of ~100 items, 10 to 20), or estimate.enabled=false",
             )
-    fit = Fit.of(responses, n_anchors=anchors, dims=dims, seed=seed, refit=refit, path=path)
+    fit = Fit.of(responses, n_anchors=anchors, dims=dims, seed=seed, refit=refit, warmup=warmup, path=path)
     fit.record |= {"metric": metric, "models": models, "items_scored": sum(len(row) for row in responses)}
     fit.write()  # a kill while writing leaves no half file: the next start fits again
     return fit
 
 
 class Fit:
-    """The IRT model a generation's candidates are estimated with.
+    """The IRT models a run's generations are estimated with.
 
-    It is fitted on the endpoints' full results, and with ``refit`` also on every candidate scored on every
-    item since (each generation's best estimate), in the order they were scored: fitted again, anchors
-    chosen again, after each. Those candidates cost no extra items, and unlike the endpoints they vary on
-    the task: a merge's objective is often a skill no endpoint has, and a fit on endpoints that all fail
-    the task cannot tell its items apart (results/fitness_cost_smollm.md). The fit is a deterministic
-    function of its results, so a resumed run fits the same model from ``irt.json``.
+    The first is fitted on the endpoints' full results. ``warmup`` generations are then scored on every
+    item and fitted on too, because a merge's objective is often a skill no endpoint has, and endpoints
+    that all fail a task cannot tell its items apart (results/fitness_cost_smollm.md). With ``refit``, so
+    is each later generation's best estimate, which is scored on every item anyway.
+
+    A refit is off the critical path: generation g is estimated with the fit on what generations up to
+    g - 2 taught (and the warmup), so the fit that adds generation g - 1's best runs on a thread while
+    generation g is scored, and the workers never wait for it. Each fit is a function of the results it
+    is fitted on (``AnchorEstimator.fit`` starts from the endpoints' fit), so a resumed run, which fits
+    again what it needs, estimates with the same models.
     """
 
-    def __init__(self, *, path: Path | None, record: dict, settings: dict, refit: bool) -> None:
+    def __init__(self, *, path: Path | None, record: dict, settings: dict, refit: bool, warmup: int = 0) -> None:
         self.path = path
         self.record = record
         self.settings = settings
         self.refit = refit
-        self.estimator = self._fitted()
+        self.warmup = warmup
+        self._fits: dict[int, Future] = {}  # by how many learned results each was fitted on
+        self._thread = ThreadPoolExecutor(max_workers=1)
 
     @classmethod
-    def of(cls, responses, *, n_anchors: int, dims: int, seed: int, refit: bool, path: Path | None = None) -> Fit:
+    def of(
+        cls, responses, *, n_anchors: int, dims: int, seed: int, refit: bool, warmup: int = 0, path: Path | None = None
+    ) -> Fit:
         """A fit on the endpoints' full results (a models x items list); ``write`` puts it at ``path``."""
         settings = {"n_anchors": n_anchors, "dims": dims, "seed": seed}
         state = AnchorEstimator.fit(responses, **settings).state()
         record = {"responses": [list(row) for row in responses], "estimator": state, "learned": []}
-        return cls(path=path, record=record, settings=settings, refit=refit)
+        return cls(path=path, record=record, settings=settings, refit=refit, warmup=warmup)
 
     @classmethod
-    def read(cls, run_dir: Path, *, n_anchors: int, dims: int, seed: int, refit: bool) -> Fit:
-        """The fit a run wrote (``irt.json``), less what it learned from candidates it never logged: a
-        process killed in between, whose resumed run scores (and learns) that generation again."""
-        path = run_dir / FIT_FILE
-        record = json.loads(path.read_text())
-        logged = {row["key"] for row in RunFolder(run_dir).read_evaluations() if not row["cached"]}
-        record["learned"] = [entry for entry in record.get("learned", []) if entry["key"] in logged]
-        return cls(path=path, record=record, settings={"n_anchors": n_anchors, "dims": dims, "seed": seed}, refit=refit)
+    def read(cls, run_dir: Path, *, n_anchors: int, dims: int, seed: int, refit: bool, warmup: int = 0) -> Fit:
+        """The fit a run wrote (``irt.json``). What it learned from a generation the resumed run scores
+        again is forgotten then (``forget_from``)."""
+        record = json.loads((run_dir / FIT_FILE).read_text())
+        # A run folder from before the learned results carried their generation: the log's rows give it.
+        generations = {row["key"]: row["generation"] for row in RunFolder(run_dir).read_evaluations()}
+        learned = record.get("learned", [])
+        record["learned"] = [
+            entry if "generation" in entry else entry | {"generation": generations[entry["key"]]}
+            for entry in learned
+            if "generation" in entry or entry["key"] in generations
+        ]
+        settings = {"n_anchors": n_anchors, "dims": dims, "seed": seed}
+        return cls(path=run_dir / FIT_FILE, record=record, settings=settings, refit=refit, warmup=warmup)
 
-    def learn(self, candidate: Candidate, values: list[float]) -> None:
-        """A candidate's results on every item: with ``refit``, fitted again on them too (and written)."""
-        if not self.refit:
+    @property
+    def estimator(self) -> AnchorEstimator:
+        """The latest fit: on the endpoints and every result learned so far."""
+        return self._fitted(len(self.record["learned"]))
+
+    def estimator_for(self, generation: int) -> AnchorEstimator:
+        """The fit generation ``generation`` is estimated with (see the class docstring)."""
+        learned = self.record["learned"]
+        included = sum(1 for e in learned if e["generation"] < self.warmup or e["generation"] <= generation - 2)
+        return self._fitted(included)
+
+    def forget_from(self, generation: int) -> None:
+        """Drop what was learned from ``generation`` on: a killed run scores those generations again."""
+        learned = self.record["learned"]
+        kept = [e for e in learned if e["generation"] < generation]
+        if len(kept) < len(learned):
+            self.record["learned"] = kept
+            self._fits = {n: fit for n, fit in self._fits.items() if n <= len(kept)}
+            self.write()
+
+    def learn(self, generation: int, candidates: list[Candidate], values: list[list[float]]) -> None:
+        """Results on every item (in item order) of candidates of ``generation``: kept (and written) to fit
+        on, where this generation is a warmup one or ``refit`` is on; the next fit starts on a thread."""
+        if not (generation < self.warmup or self.refit):
             return
-        self.record["learned"].append({"key": candidate.canonical(), "values": values})
-        self.estimator = self._fitted()
+        for candidate, row in zip(candidates, values, strict=True):
+            self.record["learned"].append({"key": candidate.canonical(), "generation": generation, "values": row})
         self.write()
+        if generation >= self.warmup:
+            self._fitted(len(self.record["learned"]), wait=False)
 
     def write(self) -> None:
         if self.path is not None:
             atomic_write_text(self.path, json.dumps(self.record))
 
-    def _fitted(self) -> AnchorEstimator:
-        learned = [entry["values"] for entry in self.record["learned"]] if self.refit else []
-        if not learned:
-            return AnchorEstimator.from_state(self.record["estimator"])
-        return AnchorEstimator.fit(self.record["responses"] + learned, **self.settings)
+    def _fitted(self, count: int, *, wait: bool = True) -> AnchorEstimator | None:
+        if count not in self._fits:
+            self._fits[count] = self._thread.submit(self._fit_on, count)
+        return self._fits[count].result() if wait else None
+
+    def _fit_on(self, count: int) -> AnchorEstimator:
+        endpoints = AnchorEstimator.from_state(self.record["estimator"])
+        if count == 0:
+            return endpoints
+        learned = [entry["values"] for entry in self.record["learned"][:count]]
+        return AnchorEstimator.fit(self.record["responses"] + learned, **self.settings, start=endpoints)
 
 
 class Estimate:
     """The search loop's ``evaluate``: anchors for every candidate, every item for the generation's best
-    estimate; yields the outcomes once the generation is done (see the module docstring)."""
+    estimate (every item for every candidate in a warmup generation); yields the outcomes once the
+    generation is done (see the module docstring).
+
+    What the optimizer is told is on one scale: the generation's best is scored on every item, and the
+    others are told their estimates shifted by its error (its accuracy minus its estimate). The order is
+    the estimates' order, the verified best stays on top, and every value is a calibrated estimate of
+    the task's accuracy. Their rows log the unshifted estimate beside it (``<metric>@estimate``)."""
+
+    whole_generation = True  # a killed generation is scored again, or replayed, only whole (loop.py)
+    replays_whole_generations = True
 
     def __init__(self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int) -> None:
         self.score_items = score_items
@@ -165,33 +202,41 @@ class Estimate:
         self.fit = fit
         self.total = total
 
-    def __call__(self, recipes: list[Candidate]) -> Iterator[tuple[int, Outcome]]:
-        estimator = self.fit.estimator
+    def __call__(
+        self, recipes: list[Candidate], proposals: object = None, *, generation: int
+    ) -> Iterator[tuple[int, Outcome]]:
+        self.fit.forget_from(generation)  # what a killed run learned from this generation is learned again
+        if generation < self.fit.warmup:
+            yield from self._every_item(recipes, generation)
+            return
+        estimator = self.fit.estimator_for(generation)
         anchors = tuple(int(i) for i in estimator.anchors)
         rest = tuple(sorted(set(range(self.total)) - set(anchors)))
         outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=anchors)))
         estimates = {i: estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None}
-        finished = {}
+        shift, finished = 0.0, {}
         if estimates:
             best = max(estimates, key=lambda i: (estimates[i], -i))  # the earliest of equal estimates
             ((_, others),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=rest))
+            seconds = outcomes[best].seconds + others.seconds
             if others.item_values is None:
-                finished[best] = Outcome(
-                    metrics=None, error=others.error, seconds=outcomes[best].seconds + others.seconds
-                )
+                finished[best] = Outcome(metrics=None, error=others.error, seconds=seconds, worker=others.worker)
             else:
                 values = [0.0] * self.total  # in item order, as the fit's responses are
                 for position, value in zip(
                     anchors + rest, outcomes[best].item_values + others.item_values, strict=True
                 ):
                     values[position] = value
-                self.fit.learn(recipes[best], values)
+                self.fit.learn(generation, [recipes[best]], [values])
+                accuracy = sum(values) / len(values)
+                shift = accuracy - estimates[best]
                 finished[best] = Outcome(
-                    metrics={self.metric: sum(values) / len(values), self.metric + ESTIMATE_SUFFIX: estimates[best]},
+                    metrics={self.metric: accuracy, self.metric + ESTIMATE_SUFFIX: estimates[best]},
                     error=None,
-                    seconds=outcomes[best].seconds + others.seconds,
+                    seconds=seconds,
                     item_values=values,
                     items_total=others.items_total,
+                    worker=others.worker,
                 )
         for i in range(len(recipes)):
             outcome = outcomes[i]
@@ -200,16 +245,20 @@ class Estimate:
             elif outcome.item_values is None:
                 yield i, outcome  # it failed: logged and ranked worst as it came
             else:
-                yield (
-                    i,
-                    Outcome(
-                        metrics={self.metric: estimates[i]},
-                        error=None,
-                        seconds=outcome.seconds,
-                        item_values=outcome.item_values,
-                        items_total=outcome.items_total,
-                    ),
-                )
+                metrics = {self.metric: estimates[i] + shift, self.metric + ESTIMATE_SUFFIX: estimates[i]}
+                yield i, replace(outcome, metrics=metrics)
+
+    def _every_item(self, recipes: list[Candidate], generation: int) -> Iterator[tuple[int, Outcome]]:
+        """A warmup generation: every candidate on every item, each learned by the fit."""
+        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=tuple(range(self.total)))))
+        scored = [i for i in range(len(recipes)) if outcomes[i].item_values is not None]
+        self.fit.learn(generation, [recipes[i] for i in scored], [outcomes[i].item_values for i in scored])
+        for i in range(len(recipes)):
+            outcome = outcomes[i]
+            if outcome.item_values is None:
+                yield i, outcome
+            else:
+                yield i, replace(outcome, metrics={self.metric: sum(outcome.item_values) / len(outcome.item_values)})
 
 
 def estimator_error(rows: list[dict], metric: str) -> tuple[float, float, int] | None:
@@ -217,7 +266,7 @@ def estimator_error(rows: list[dict], metric: str) -> tuple[float, float, int] |
     errors = [
         abs(row["metrics"][metric + ESTIMATE_SUFFIX] - row["metrics"][metric])
         for row in rows
-        if row.get("metrics") and metric + ESTIMATE_SUFFIX in row["metrics"] and not row["cached"]
+        if row.get("metrics") and metric + ESTIMATE_SUFFIX in row["metrics"] and not row["cached"] and fully_scored(row)
     ]
     if not errors:
         return None

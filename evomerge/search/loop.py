@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -31,8 +31,7 @@ from evomerge.optimizer.base import Optimizer, Proposal
 from evomerge.optimizer.pareto import ParetoFront
 from evomerge.recipe.canonical import canonical_key
 from evomerge.search.progress import Progress
-from evomerge.search.racing import Race
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, fully_scored
 from evomerge.search.state import Best, SearchState
 
 
@@ -85,13 +84,16 @@ def run_search(
     run: RunFolder,
     genome: Genome,
     optimizer: Optimizer,
-    evaluate: Callable[[list[Candidate]], Iterator[tuple[int, Outcome]]] | Race,
+    evaluate: Callable[..., Iterator[tuple[int, Outcome]]],
     objectives: list[dict],
     budget: Budget,
+    watchers: Sequence = (),
 ) -> SearchState:
-    """Drive the search until the budget is spent, checkpointing after every generation."""
+    """Drive the search until the budget is spent, checkpointing after every generation; ``watchers`` see
+    its events (progress.py)."""
     state, replay = resume_state(run, optimizer, n_objectives=len(objectives), by_generation=True)
-    progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
+    names = [o["name"] for o in objectives]
+    progress = Progress(objectives=names, budget=budget.evaluations, start=state, watchers=watchers)
     failures = budget.watch_failures(run)
     saved: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # leaving it waits for the last checkpoint write
@@ -101,20 +103,26 @@ def run_search(
             recipes = [genome.to_recipe(p.x) for p in proposals]
             keys = [r.canonical() for r in recipes]
 
+            if getattr(evaluate, "whole_generation", False):
+                _replay_whole_generations(keys, state, replay, replayable=evaluate.replays_whole_generations)
             fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
             arrived: dict[str, Outcome] = {}
             scores: list[tuple[float, ...]] = []
             # Rows are logged in proposal order as soon as every earlier row is ready, so a kill loses
             # at most the candidates still in flight.
-            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
             batch = [recipes[i] for i in fresh]
-            # A race also needs the proposals: optuna's pruner reports to their trials.
-            scored = evaluate(batch, [proposals[i] for i in fresh]) if isinstance(evaluate, Race) else evaluate(batch)
+            if getattr(evaluate, "whole_generation", False):
+                # A race also needs the proposals (optuna's pruner reports to their trials), and both the
+                # generation (its item order, what an estimate has learned by then).
+                scored = evaluate(batch, [proposals[i] for i in fresh], generation=state.generation)
+            else:
+                scored = evaluate(batch)
             for position, outcome in scored:
                 arrived[keys[fresh[position]]] = outcome
-                _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+                _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
                 failures.saw(outcome)
-            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores)
+            _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
 
             optimizer.tell(proposals, scores)
             _, saved = close_batch(run, state, optimizer, scores, started, saved, writer, progress)
@@ -183,11 +191,26 @@ def resume_state(
     return state, replay
 
 
-def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores) -> None:
+def _replay_whole_generations(
+    keys: list[str], state: SearchState, replay: dict[str, dict], *, replayable: bool
+) -> None:
+    """An evaluator that scores a generation as a whole (a race, an estimate) decides each candidate's items
+    and value from all of them together. A killed process may have logged only some of a generation's rows:
+    replaying those and scoring the rest apart would give other values than the uninterrupted run. Such a
+    generation is scored again whole (the same draws, so the same rows); one logged whole is replayed where
+    the evaluator is ``replayable`` (a race that reports to optuna's pruner is not: its trials must hear
+    the rounds again)."""
+    scored = [k for i, k in enumerate(keys) if k not in state.cache and k not in keys[:i]]
+    if not replayable or not all(k in replay for k in scored):
+        for k in scored:
+            replay.pop(k, None)
+
+
+def _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress) -> None:
     """Log (and cache) the next rows of this generation whose scores are known; append to ``scores``."""
     while len(scores) < len(proposals):
         i = len(scores)
-        score = log_row(run, state, proposals[i], recipes[i], keys[i], arrived, replay, objectives)
+        score = log_row(run, state, proposals[i], recipes[i], keys[i], arrived, replay, objectives, progress)
         if score is None:
             return
         scores.append(score)
@@ -202,21 +225,23 @@ def log_row(
     arrived: dict[str, Outcome],
     replay: dict[str, dict],
     objectives: list[dict],
+    progress: Progress,
 ) -> tuple[float, ...] | None:
     """Log (and cache) this candidate's row and return its scores, if they are known: from the cache, a
     row logged before a resume, or an outcome ``arrived`` from the executor; else None."""
     cached = key in state.cache
     items = None  # racing: [items scored, items in the task]
+    worker = None  # which worker scored it (executor/worker.py); None for a cache hit
     if cached:
         score, metrics, error, items = state.cache[key]
         seconds = 0.0
     elif key in replay:
         row = replay.pop(key)
         score, metrics, error, seconds = _scores(row["scores"]), row["metrics"], row["error"], row["seconds"]
-        items = row.get("items")
+        items, worker = row.get("items"), row.get("worker")
     elif key in arrived:
         outcome = arrived.pop(key)
-        metrics, error, seconds = outcome.metrics, outcome.error, outcome.seconds
+        metrics, error, seconds, worker = outcome.metrics, outcome.error, outcome.seconds, outcome.worker
         score = _objective_scores(metrics, error, objectives)
         state.evaluating_s += seconds
         if outcome.item_values is not None:
@@ -235,12 +260,14 @@ def log_row(
         "error": error,
         "cached": cached,
         "seconds": seconds,
+        "worker": worker,
     }
     if items is not None:
         row["items"] = items
     run.append_evaluation(row)
     _update_best(state, row, score)
     state.evaluations += 1
+    progress.candidate(row, state)
     return score
 
 
@@ -268,8 +295,8 @@ def _scores(logged: list[float | None]) -> tuple[float, ...]:
 def _update_best(state: SearchState, row: dict, score: tuple[float, ...]) -> None:
     if not all(math.isfinite(s) for s in score):
         return
-    if "items" in row and row["items"][0] < row["items"][1]:
-        return  # a candidate a race stopped early: its estimate is not a score to report (racing.py)
+    if not fully_scored(row):
+        return  # an estimate (racing.py, estimate.py), told to the optimizer but never a result
     state.front.add(id=row["index"], scores=score)
     if state.best is None or score[0] > state.best.scores[0]:
         state.best = Best(index=row["index"], recipe=row["recipe"], scores=score, metrics=row["metrics"])

@@ -25,6 +25,13 @@ CHECKPOINT = "checkpoint.pkl"
 LOCK = "run.lock"
 
 
+def fully_scored(row: dict) -> bool:
+    """Whether a logged candidate was scored on every item: only those are results (the best, export,
+    the Pareto front, twin). A row a race stopped early, or one an estimated generation scored on its
+    anchors alone, carries ``items: [scored, in the task]`` with fewer scored; its value is an estimate."""
+    return "items" not in row or row["items"][0] >= row["items"][1]
+
+
 class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

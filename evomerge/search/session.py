@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.config import SearchConfig, check_config
+from evomerge.config import SearchConfig, check_config, resolve_auto
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.lm_eval_scorer import TaskSet
 from evomerge.executor.serial import SerialExecutor
@@ -24,12 +25,16 @@ from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
 from evomerge.search.estimate import FIT_FILE, Estimate, describe_error, fitted_estimator
+from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.loop import Budget, run_search
-from evomerge.search.plots import write_plots
+from evomerge.search.plots import Plots
 from evomerge.search.racing import Race
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.state import SearchState
+from evomerge.search.status import append_worker
 from evomerge.search.window import run_window_search
+from evomerge.track import check_report_to
+from evomerge.track.reporting import Reporting
 
 if TYPE_CHECKING:
     from evomerge.executor.ray_pool import RayExecutor
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 def start(cfg: DictConfig, run_dir: Path) -> SearchState:
     """A new run in ``run_dir`` (refused if that folder already holds a run: resume it instead)."""
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
+    resolve_auto(cfg)  # recorded in config.yaml below: a resume and an export use the same
     pin_models(cfg)
     build_genome(cfg, template_recipe(cfg), run_dir)  # every config error surfaces before the run folder is made
     run = RunFolder(run_dir)
@@ -66,6 +73,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
         raise EvomergeError(f"'{run_dir}' holds no evomerge run (no config.yaml)", "check the path")
     saved = saved_config(run)
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)) if overrides else saved
+    resolve_auto(cfg)  # an override device=auto resolves here, and is compared as what it resolved to
     diff = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
     if diff and not force:
         raise EvomergeError(
@@ -73,6 +81,7 @@ def resume(run_dir: Path, overrides: list[str], *, force: bool) -> SearchState:
             "resume without overrides, or pass --force to continue with the new values",
         )
     check_config(cfg)
+    check_report_to(list(cfg.report_to))
     run.lock()
     if diff:
         run.write_config(OmegaConf.to_yaml(cfg))
@@ -164,6 +173,7 @@ def task_set(cfg: DictConfig) -> TaskSet:
 
 
 def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
+    watchers = [Heartbeat(run.path)]  # from the start: loading the workers can take minutes
     try:
         template = template_recipe(cfg)
         genome = build_genome(cfg, template, run.path)
@@ -191,29 +201,33 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
             reserve_bytes=cfg.executor.reserve_bytes,
         )
         metric = next(iter(objectives[0]["terms"]))
-        if cfg.estimate.enabled:  # before the workers start: it loads each endpoint model once, on the device
-            fit = fitted_estimator(
-                run.path,
-                template,
-                spec.tasks,
-                metric,
-                anchors=cfg.estimate.anchors,
-                dims=cfg.estimate.dims,
-                seed=cfg.estimate.seed,
-                refit=cfg.estimate.refit,
-                device=cfg.device,
-                dtype=str(cfg.dtype),
-            )
+        executor = build_executor(cfg.executor, spec, on_worker=lambda started: append_worker(run.path, started))
+        if cfg.estimate.enabled:  # the endpoints are scored on the workers, before any candidate
+            try:
+                fit = fitted_estimator(
+                    run.path,
+                    template,
+                    metric,
+                    anchors=cfg.estimate.anchors,
+                    dims=cfg.estimate.dims,
+                    seed=cfg.estimate.seed,
+                    refit=cfg.estimate.refit,
+                    warmup=cfg.estimate.warmup,
+                    score_models=executor.score_models,
+                )
+            except BaseException:
+                executor.close()
+                raise
             record = fit.record
             print(
                 f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
                 f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
                 + (f" and {len(record['learned'])} candidates" if fit.refit else "")
-                + f"; each candidate is scored on {len(fit.estimator.anchors)} anchors"
+                + (f"; {fit.warmup} generation(s) scored on every item first" if fit.warmup else "")
+                + f"; then each candidate is scored on {len(fit.estimator.anchors)} anchors"
                 + ("; fitted again after each generation on its best" if fit.refit else ""),
                 flush=True,
             )
-        executor = build_executor(cfg.executor, spec)
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
@@ -228,6 +242,7 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 first_round=cfg.racing.first_round,
                 delta=cfg.racing.delta,
                 selected=optimizer.selected_count(),
+                seed=cfg.seed,
                 should_prune=optimizer.should_prune if getattr(optimizer, "prunes", False) else None,
             )
         elif getattr(optimizer, "prunes", False):
@@ -236,7 +251,12 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
                 "set racing.enabled=true, or optimizer.pruner=null",
             )
         search = {"run": run, "genome": genome, "optimizer": optimizer, "evaluate": evaluate}
-        search |= {"objectives": objectives, "budget": budget}
+        names = [o["name"] for o in objectives]
+        watchers.append(Plots(run, names))  # before the trackers: the run's end hands them the plots
+        if cfg.report_to:
+            config = OmegaConf.to_container(OmegaConf.load(run.config_path))  # the resolved config, as written
+            watchers.append(Reporting(names=list(cfg.report_to), run=run, config=config, objectives=names))
+        search |= {"objectives": objectives, "budget": budget, "watchers": watchers}
         try:
             if cfg.in_flight is None:
                 state = run_search(**search)
@@ -247,14 +267,18 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         optimizer.close()
         if cfg.estimate.enabled and (line := describe_error(run.read_evaluations(), metric)) is not None:
             print(f"evomerge: {line}")
-        write_plots(run.path, state, [o["name"] for o in objectives], run.read_evaluations())
         return state
     finally:
+        for watcher in watchers:
+            watcher.close()
         run.close()
 
 
-def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayExecutor:
-    """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``)."""
+def build_executor(
+    node: DictConfig, spec: WorkerSpec, on_worker: Callable[[dict], None] | None = None
+) -> SerialExecutor | RayExecutor:
+    """Workers in this process (``executor=serial``), or a pool of Ray actors (``executor=ray``);
+    ``on_worker`` is called with each worker's name and memory-tier line as it starts."""
     if node.kind == "ray":
         from evomerge.executor.ray_pool import RayExecutor  # ray only where it is used (a GPU box may lack it)
 
@@ -265,8 +289,10 @@ def build_executor(node: DictConfig, spec: WorkerSpec) -> SerialExecutor | RayEx
             threads=node.threads,
             max_tries=node.max_tries,
             timeout_s=node.timeout_s,
+            on_worker=on_worker,
+            resources=None if node.resources is None else dict(node.resources),
         )
-    return SerialExecutor(spec=spec, threads=node.threads)
+    return SerialExecutor(spec=spec, threads=node.threads, on_worker=on_worker)
 
 
 def _instantiate_optimizer(cfg: DictConfig, genome: Genome, n_objectives: int, run_dir: Path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,10 +45,13 @@ def run_window_search(
     objectives: list[dict],
     budget: Budget,
     in_flight: int,
+    watchers: Sequence = (),
 ) -> SearchState:
-    """Drive the search until the budget is spent, checkpointing after every ``in_flight`` tells."""
+    """Drive the search until the budget is spent, checkpointing after every ``in_flight`` tells; ``watchers``
+    see its events (progress.py)."""
     state, replay = resume_state(run, optimizer, n_objectives=len(objectives))
-    progress = Progress(objectives=[o["name"] for o in objectives], budget=budget.evaluations, start=state)
+    names = [o["name"] for o in objectives]
+    progress = Progress(objectives=names, budget=budget.evaluations, start=state, watchers=watchers)
     window: deque[_Slot] = deque()  # asked, not told, in proposal order
     recipes: list[Candidate] = []  # handed to the executor, which scores those appended while it runs
     keys: list[str] = []  # of recipes, position by position
@@ -74,7 +77,7 @@ def run_window_search(
 
     def settle() -> tuple[float, ...] | None:
         head = window[0]
-        return log_row(run, state, head.proposal, head.recipe, head.key, arrived, replay, objectives)
+        return log_row(run, state, head.proposal, head.recipe, head.key, arrived, replay, objectives, progress)
 
     for proposal in optimizer.in_flight():  # a resumed run's window, as the checkpoint left it
         enter(proposal)

@@ -72,8 +72,9 @@ def _model_card(recipe: Recipe, summary: TwinSummary) -> str:
             *remote_code_loading(
                 MODELING_NAME,
                 "The weights change with each input",
-                "loading fails rather than running the shared model alone. Each row of a batch runs on its own "
-                "weights, so scoring is slower than a static model's by about the batch size",
+                "loading fails rather than running the shared model alone. The experts' parts run as low-rank "
+                "adapters beside the shared weights, batched over rows; a row's weights are read once from its "
+                "prompt (one extra forward of the shared model) and hold while it generates, through the KV cache",
             ),
             "## Shared model recipe (evomerge)",
             "",

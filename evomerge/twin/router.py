@@ -16,13 +16,15 @@ import torch
 from evomerge.twin.items import TaskItem
 from evomerge.twin.twin_modeling import TwinRouter, pooled_hidden
 
+ROUTER_SIZE = 64
+
 
 def train_router(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
     num_experts: int,
-    router_size: int = 64,
+    router_size: int = ROUTER_SIZE,
     seed: int = 0,
     steps: int = 500,
     lr: float = 1e-2,
@@ -63,21 +65,22 @@ def scored_inputs(tokenizer, items: list[TaskItem]) -> list[tuple[list[int], int
 
 @torch.no_grad()
 def pooled_features(model, inputs: list[tuple[list[int], int]]) -> torch.Tensor:
-    """The shared model's mean-pooled final hidden state of each item, one row per item (as ``route`` reads it)."""
+    """The shared model's mean-pooled final hidden state of each item, one row per item (as ``route`` reads it),
+    on the CPU. A Twin model outside a routed forward is its shared model."""
     rows = []
     for whole, _ in inputs:
-        ids = torch.tensor([whole[:-1]])
+        ids = torch.tensor([whole[:-1]], device=model.device)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         rows.append(pooled_hidden(hidden, None)[0])
-    return torch.stack(rows).float()
+    return torch.stack(rows).float().cpu()
 
 
 @torch.no_grad()
 def continuation_losses(model, inputs: list[tuple[list[int], int]]) -> torch.Tensor:
-    """Each item's summed negative log-likelihood of its continuation under ``model``."""
+    """Each item's summed negative log-likelihood of its continuation under ``model``, on the CPU."""
     losses = []
     for whole, context in inputs:
-        logits = model(input_ids=torch.tensor([whole[:-1]]), use_cache=False).logits[0].float()
-        targets = torch.tensor(whole[context:])
+        logits = model(input_ids=torch.tensor([whole[:-1]], device=model.device), use_cache=False).logits[0].float()
+        targets = torch.tensor(whole[context:], device=model.device)
         losses.append(torch.nn.functional.cross_entropy(logits[context - 1 :], targets, reduction="sum"))
-    return torch.stack(losses)
+    return torch.stack(losses).cpu()

@@ -22,11 +22,22 @@ def write_shared(source: str | Path, folder: Path, *, rank: int = 1, device: str
     source = Path(source)
     if RunFolder(source).config_path.is_file():
         export_run(source, folder, rank=rank, device=device)
-        recipe = load_any_recipe(folder / RECIPE_NAME)
+        recipe = _parameter_space(load_any_recipe(folder / RECIPE_NAME), source)
     else:
-        recipe = load_any_recipe(source)
-        if isinstance(recipe, Recipe):
-            merge_to_disk(recipe, folder, device=device)
+        recipe = _parameter_space(load_any_recipe(source), source)
+        merge_to_disk(recipe, folder, device=device)
+    return recipe
+
+
+def shared_models(source: str | Path) -> list[str]:
+    """The models the shared merge reads, from the run's config or the recipe file alone: nothing is merged."""
+    source = Path(source)
+    if RunFolder(source).config_path.is_file():
+        return [str(path) for path in OmegaConf.load(RunFolder(source).config_path).models.experts]
+    return _parameter_space(load_any_recipe(source), source).model_paths
+
+
+def _parameter_space(recipe: object, source: Path) -> Recipe:
     if not isinstance(recipe, Recipe):
         raise EvomergeError(
             f"'{source}' gives a {type(recipe).__name__} (a stack of layers), not a parameter-space merge; Twin-Merging "
