@@ -271,6 +271,7 @@ def test_a_search_config_sets_the_tokenizer_source(toy_world, experts):
                 "models.tokenizer_source=union",
                 "tasks.names=[toy_math]",
                 "objectives=[{name: m, terms: {toy_math/acc: 1.0}}]",
+                "dtype=float32",  # start() resolves the default `auto` before the template is built
             ],
         )
     check_config(cfg)
