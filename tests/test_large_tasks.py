@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.toy import ToyWorld
+from evomerge.toy.language import NUMBER_WORDS as TOY_NUMBER_WORDS
+from evomerge.toy.language import translate
 from evomerge.toy.large_tasks import VARIANTS, large_tasks, with_contexts
 from evomerge.toy.smollm.large_tasks import VARIANTS as SMOL_VARIANTS
 from evomerge.toy.smollm.large_tasks import context
@@ -50,14 +52,16 @@ def test_toy_large_tasks_ask_every_problem_several_ways_on_disjoint_halves(cache
     assert not search_questions & {" ".join(row["prompt"].split()[-4:]) for row in large[holdout]}
 
 
-def test_toy_contexts_are_l2_words_the_tokenizer_knows_and_hold_no_numeral(cached_world: ToyWorld) -> None:
+def test_toy_contexts_are_l2_words_the_tokenizer_knows_and_hold_no_number(cached_world: ToyWorld) -> None:
     search, holdout = large_tasks(cached_world)
     tokenizer = AutoTokenizer.from_pretrained(cached_world.base)
     for name in (search, holdout):
         for row in items(cached_world, name):
             *context_words, _, _, _, _ = row["prompt"].split()
             assert tokenizer.unk_token_id not in tokenizer(row["prompt"])["input_ids"]
+            # No number word: one in the context pulls the answer away from the question's (large_tasks.py).
             assert not any(word.isdigit() for word in context_words)
+            assert not set(context_words) & {translate(word) for word in TOY_NUMBER_WORDS}
             assert all(word.endswith("u") or word in (".", ",") for word in context_words)  # L2 spellings
 
 
