@@ -138,7 +138,9 @@ def measure(job: Job) -> dict:
     }
     atomic_write_text(done, json.dumps(result))
     result["reused"] = False
-    print(f"seed {job.seed} {job.row}: {spent} items, held-out best {curve[-1][1] if curve else math.nan:.4f}")
+    print(
+        f"seed {job.seed} {job.row}: {spent} items, held-out best {curve[-1][1] if curve else math.nan:.4f}", flush=True
+    )
     return result
 
 
@@ -306,14 +308,21 @@ def draw(runs: dict[str, list[dict]], target: float, path: Path, world: str) -> 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
     top = max(r["items"] for group in runs.values() for r in group)
-    grid = sorted({round(top * (k / 200) ** 2) for k in range(1, 201)})
+    first = min(r["curve"][0][0] for group in runs.values() for r in group if r["curve"])
+    grid = sorted({round(first * (top / first) ** (k / 200)) for k in range(201)})
     for (row, group), colour in zip(runs.items(), colours, strict=False):
         for r in group:
             xs = [items for items, _ in r["curve"]] + [r["items"]]
             ys = [held for _, held in r["curve"]] + [r["curve"][-1][1] if r["curve"] else 0.0]
             axes.step(xs, ys, where="post", color=colour, alpha=0.25, linewidth=0.8)
-        median = [statistics.median(held_at(r["curve"], x) or 0.0 for r in group) for x in grid]
-        axes.step(grid, median, where="post", color=colour, linewidth=2, label=f"{row} (median)")
+        # Drawn from where most seeds have a fully scored best, as the table counts them.
+        values = [[held_at(r["curve"], x) for r in group] for x in grid]
+        median = [
+            statistics.median(v or 0.0 for v in at) if sum(v is not None for v in at) * 2 > len(at) else math.nan
+            for at in values
+        ]
+        width = 4 if row == EVERY else 2  # under the others, so that a row that follows it exactly shows both
+        axes.step(grid, median, where="post", color=colour, linewidth=width, label=f"{row} (median)")
     axes.axhline(target, color="grey", linestyle="--", label="target (every item, median final)")
     axes.set_xscale("log")
     axes.set_xlabel("items scored so far")
