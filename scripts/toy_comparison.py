@@ -23,7 +23,13 @@ from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import start
 
 # Equal budgets mean equal generation sizes too, so no optimizer overshoots the budget more than another.
-GENERATION_KEY = {"cmaes": "popsize", "random": "batch_size", "tpe": "batch_size", "nsga2": "population_size"}
+GENERATION_KEY = {
+    "cmaes": "popsize",
+    "lq_cmaes": "popsize",
+    "random": "batch_size",
+    "tpe": "batch_size",
+    "nsga2": "population_size",
+}
 
 
 def toy_config(seed: int, optimizer: str, generation: int, overrides: list[str], *, preset: str = "toy") -> DictConfig:

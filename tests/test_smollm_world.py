@@ -20,11 +20,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.evaluate.lm_eval_scorer import LMEvalScorer
+from evomerge.evaluate.lm_eval_scorer import LMEvalScorer, TaskSet
 from evomerge.export import export_run
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import task_set
 from evomerge.toy.smollm import SmolWorld, build_smol_world
+from evomerge.toy.smollm.large_tasks import large_smol_tasks
 from evomerge.toy.smollm.world import default_root
 from tests.test_search_e2e import finished
 
@@ -98,3 +99,15 @@ def test_two_candidates_searched_exported_and_reloaded_score_the_same(world: Smo
         model=model, tokenizer=tokenizer, tasks=task_set(OmegaConf.load(run_dir / "config.yaml"))
     ).score()
     assert metrics == RunFolder(run_dir).load_checkpoint().best.metrics
+
+
+def test_large_tasks_are_added_to_a_built_world_and_score(world: SmolWorld) -> None:
+    before = {path: path.read_bytes() for path in world.tasks_dir.rglob("*.*")}
+    names = large_smol_tasks(world)
+    assert {path: path.read_bytes() for path in before} == before
+    model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    tasks = TaskSet(names=names, include_path=str(world.tasks_dir), limit=8, model_args={"max_length": 128})
+    scorer = LMEvalScorer(model=model, tokenizer=AutoTokenizer.from_pretrained(world.base), tasks=tasks)
+    scores = scorer.score()
+    assert [len(scorer.loaded["tasks"][name].eval_docs) for name in names] == [500, 500]
+    assert all(scores[f"{name}/acc"] * 8 == pytest.approx(round(scores[f"{name}/acc"] * 8)) for name in names)

@@ -8,6 +8,9 @@ item, where ``multiple_choice`` over 21 numerals would cost 21.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,3 +64,26 @@ def chance_accuracy(test_jsonl: Path) -> float:
     """Chance for a task: always answering its most common answer."""
     answers = [json.loads(line)["answer"] for line in test_jsonl.read_text().splitlines()]
     return Counter(answers).most_common(1)[0][1] / len(answers)
+
+
+def write_missing_tasks(item_sets: list[TaskItems], tasks_dir: Path) -> None:
+    """Write each task folder that ``tasks_dir`` lacks, for tasks added to a world after it was built.
+
+    Each folder is written beside the world's folder and renamed into ``tasks_dir`` whole: lm-eval indexes
+    every YAML under its include path, so a half-written folder there would be read by a search that starts
+    meanwhile. Two processes adding the same task both write it; the second rename fails and its copy goes.
+    """
+    for item_set in item_sets:
+        final = tasks_dir / item_set.name
+        if final.exists():
+            continue
+        staging = tasks_dir.parent / f".{item_set.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            write_task(item_set, staging, tasks_dir)
+            try:
+                (staging / item_set.name).rename(final)
+            except OSError:
+                if not final.exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
