@@ -63,7 +63,7 @@ ROWS: dict[str, list[str]] = {
     EVERY: ["budget.evaluations={budget}"],
     # What mergekit-evolve users do: a fixed random subset of the task, as many items as the anchors.
     SUBSET: ["budget.evaluations={long_budget}", "tasks.limit={anchors}", "tasks.sample_seed={seed}"],
-    "racing": ["budget.evaluations={long_budget}", "racing.enabled=true"],
+    "racing": ["budget.evaluations={budget}", "racing.enabled=true"],  # it costs about as much as every item
     "IRT": ["budget.evaluations={long_budget}", "estimate.enabled=true", "estimate.anchors={anchors}"],
     "lq-CMA-ES": ["budget.evaluations={budget}", "optimizer=lq_cmaes"],
     "IRT + lq-CMA-ES": [
