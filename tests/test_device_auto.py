@@ -12,6 +12,7 @@ from evomerge.config import CONF_DIR, register_configs, resolve_auto
 from evomerge.errors import EvomergeError
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import resume, saved_config, start
+from tests.toy_config import small_search
 
 
 def composed(*overrides: str):
@@ -75,18 +76,7 @@ def test_the_run_records_what_auto_resolved_to(toy_world, tmp_path, monkeypatch)
     """A resume (or an export) on a machine with a GPU reads the run's own device and dtype, not auto again."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_dir = tmp_path / "run"
-    cfg = composed(
-        f"run_dir={run_dir}",
-        f"models.base={toy_world.base}",
-        f"models.experts=[{toy_world.experts['math']},{toy_world.experts['lang']}]",
-        f"tasks.include_path={toy_world.tasks_dir}",
-        "tasks.names=[toy_math]",
-        "tasks.limit=8",
-        "objectives=[{name: math, terms: {toy_math/acc: 1.0}}]",
-        "method=task_arithmetic",
-        "optimizer.popsize=2",
-        "budget.evaluations=2",
-    )
+    cfg = composed(*small_search(toy_world, run_dir, candidates=2))
     start(cfg, run_dir)
     written = OmegaConf.load(RunFolder(run_dir).config_path)
     assert (written.device, written.dtype) == ("cpu", "float32")

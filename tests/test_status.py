@@ -28,6 +28,7 @@ from evomerge.search.run_folder import RunFolder
 from evomerge.search.session import start
 from evomerge.search.status import WORKERS, read_status
 from tests.test_search_loop import OBJECTIVES, fitness, genome
+from tests.toy_config import small_search
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,18 +183,7 @@ def test_a_killed_run_shows_as_not_alive(tmp_path):
 
 def test_each_candidate_logs_a_line_and_names_its_worker(toy_world, tmp_path, caplog):
     register_configs()
-    overrides = [
-        f"run_dir={tmp_path}",
-        f"models.base={toy_world.base}",
-        f"models.experts=[{toy_world.experts['math']},{toy_world.experts['lang']}]",
-        f"tasks.include_path={toy_world.tasks_dir}",
-        "tasks.names=[toy_math]",
-        "tasks.limit=8",
-        "objectives=[{name: math, terms: {toy_math/acc: 1.0}}]",
-        "method.name=task_arithmetic",
-        "optimizer.popsize=4",
-        "budget.evaluations=4",
-    ]
+    overrides = small_search(toy_world, tmp_path)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     with caplog.at_level(logging.INFO, logger="evomerge.search"):

@@ -25,6 +25,7 @@ from evomerge.track import check_report_to
 from evomerge.track.reporting import STATE_FILE, Reporting
 from evomerge.track.to_tensorboard import TensorBoardTracker
 from tests.test_search_loop import OBJECTIVES, CountingEvaluator, genome
+from tests.toy_config import small_search
 
 CONFIG = {"seed": 3, "objectives": OBJECTIVES, "budget": {"evaluations": 48, "wall_time_s": None}}
 
@@ -187,19 +188,7 @@ def test_report_to_names_the_trackers_it_knows():
 
 def test_report_to_reaches_the_trackers_from_the_config(toy_world, tmp_path):
     register_configs()
-    overrides = [
-        f"run_dir={tmp_path}",
-        f"models.base={toy_world.base}",
-        f"models.experts=[{toy_world.experts['math']},{toy_world.experts['lang']}]",
-        f"tasks.include_path={toy_world.tasks_dir}",
-        "tasks.names=[toy_math]",
-        "tasks.limit=8",
-        "objectives=[{name: math, terms: {toy_math/acc: 1.0}}]",
-        "method.name=task_arithmetic",
-        "optimizer.popsize=4",
-        "budget.evaluations=4",
-        "report_to=[tensorboard]",
-    ]
+    overrides = [*small_search(toy_world, tmp_path), "report_to=[tensorboard]"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     state = start(cfg, tmp_path)
