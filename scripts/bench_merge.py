@@ -7,6 +7,9 @@ minutes of scoring. Only the parity column (c) against (d) is a check.
 
     python scripts/bench_merge.py                              # CPU, float32, the five methods
     python scripts/bench_merge.py --device cuda --scale 4      # bigger models on a GPU box
+
+A second table times (c) against (d) alone on a tied model with a large vocabulary (``--large-methods``):
+Gemma 3 text's 262,144 tokens at hidden 640, whose embedding is 94% of the model.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.logging import disable_progress_bar
 
 from evomerge.dtypes import torch_dtype
@@ -40,7 +43,7 @@ from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.writer import ShardedWriter
 from evomerge.materialize.in_place import TIERS, InPlaceMerger
 from evomerge.materialize.to_disk import InputReader, merge_to_disk
-from evomerge.methods import get_method
+from evomerge.methods import fused, get_method
 from evomerge.recipe.mergekit import to_mergekit
 from evomerge.recipe.recipe import Recipe
 
@@ -56,15 +59,36 @@ RECIPES = {
     "ties": {"models": [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.7}]},
     "dare_ties": {"models": [{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.4}]},
     "slerp": {"models": [{}], "parameters": {"t": [0.2, 0.8]}},
+    "dare_linear": {"models": [{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.4}]},
 }
+# The tied large-vocabulary model: Gemma 3 270M's vocabulary, width and attention, 2 of its 18 layers.
+LARGE_VOCAB = dict(
+    vocab_size=262144,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    tie_word_embeddings=True,
+)
 PARITY = 1e-5  # the float32 tolerance of tests/test_mergekit_parity.py
-RANDOM = {"dare_ties"}  # mergekit draws from another generator: outputs are not comparable entry by entry
+RANDOM = {
+    "dare_ties",
+    "dare_linear",
+}  # mergekit draws from another generator: outputs are not comparable entry by entry
 
 
-def build_models(folder: Path, *, scale: float, dtype: torch.dtype) -> dict[str, Path]:
-    """A random base and two noisy copies, cached: parameters grow about as scale**3 (width and depth)."""
+def build_models(folder: Path, *, scale: float, dtype: torch.dtype, large_vocab: bool = False) -> dict[str, Path]:
+    """A random base and two noisy copies, cached: parameters grow about as scale**3 (width and depth);
+    ``large_vocab``: the tied Gemma 3 text model of ``LARGE_VOCAB`` instead."""
     paths = {name: folder / name for name in ("base", "ft1", "ft2")}
     if all((path / "config.json").is_file() for path in paths.values()):
+        return paths
+    if large_vocab:
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **LARGE_VOCAB)).to(dtype)
+        save_noisy_copies(model, paths)
         return paths
     hidden = 64 * round(12 * scale)
     config = LlamaConfig(
@@ -77,7 +101,12 @@ def build_models(folder: Path, *, scale: float, dtype: torch.dtype) -> dict[str,
         tie_word_embeddings=False,
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(dtype)
+    save_noisy_copies(LlamaForCausalLM(config).to(dtype), paths)
+    return paths
+
+
+def save_noisy_copies(model: torch.nn.Module, paths: dict[str, Path]) -> None:
+    """``model`` as the base and two copies with noise, each saved with a tokenizer."""
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
     # A word-level tokenizer of four tokens: both tools copy the tokenizer files, none needs a real one.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}
@@ -95,7 +124,6 @@ def build_models(folder: Path, *, scale: float, dtype: torch.dtype) -> dict[str,
         model.save_pretrained(partial, max_shard_size=f"{SHARD_BYTES // 10**6}MB")
         tokenizer.save_pretrained(partial)
         os.replace(partial, path)
-    return paths
 
 
 def make_recipe(method: str, paths: dict[str, Path], dtype: str) -> Recipe:
@@ -161,16 +189,23 @@ def bandwidth_floor(recipe: Recipe, *, device: torch.device, dtype: torch.dtype)
 def in_place(recipe: Recipe, *, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], dict]:
     """(b): the search's hot path, one merger built once; returns ``materialize`` (warmed up) and what its
     first call cost and left behind."""
-    model = LlamaForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
     merger = InPlaceMerger(model=model, template=recipe)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # Warm-up: the first call faults the parameters' pages in, computes what the method declares as its
     # precompute (TIES: one sort per task vector) and compiles the fused kernels (TIES, DARE-TIES), once per search.
     first = timings(lambda: merger.materialize(recipe), repeats=1, device=device)[0]
+    # It merged eagerly while the fused kernels compile in the background (methods/fused.py): (b) times them.
+    building = timings(fused.wait_for_kernels, repeats=1, device=device)[0]
     kept = sum(t.nbytes for known in merger._precomputed.values() for t in known.values() if t is not None)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return (lambda: merger.materialize(recipe)), {"b_first": first, "kept": kept, "peak_device": peak}
+    return (lambda: merger.materialize(recipe)), {
+        "b_first": first,
+        "b_build": building,
+        "kept": kept,
+        "peak_device": peak,
+    }
 
 
 def tier_seconds(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -178,7 +213,7 @@ def tier_seconds(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, re
     after a warm-up. Resident keeps the method's precompute, as a worker does where it fits."""
     seconds = {}
     for tier in TIERS:
-        model = LlamaForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(recipe.base or recipe.model_paths[0], dtype=dtype).to(device)
         candidate = functools.partial(InPlaceMerger(model=model, template=recipe, tier=tier).materialize, recipe)
         candidate()
         seconds[tier] = statistics.median(timings(candidate, repeats=repeats, device=device))
@@ -280,13 +315,22 @@ def find_mergekit(given: str | None) -> str | None:
 def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools: dict) -> dict:
     device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     recipe = make_recipe(method, paths, args.dtype)
+    row = floor_and_in_place(recipe, device=device, dtype=dtype, rounds=args.repeats)
+    row["tiers"] = tier_seconds(recipe, device=device, dtype=dtype, repeats=3)
     runs = args.work / "runs" / method
+    row |= whole_process(method, recipe, runs, args, tools)
+    row["phases"] = to_disk_phases(recipe, runs / "profiled", device=args.device, dtype=args.dtype)
+    shutil.rmtree(runs / "profiled")
+    return row
+
+
+def whole_process(method: str, recipe: Recipe, runs: Path, args: argparse.Namespace, tools: dict) -> dict:
+    """(c) and (d) on ``recipe``: wall and start-up seconds, peak RSS, and the largest difference."""
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     (runs / "recipe.yaml").write_text(recipe.to_yaml())
     (runs / "mergekit.yml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
-    row = floor_and_in_place(recipe, device=device, dtype=dtype, rounds=args.repeats)
-    row["tiers"] = tier_seconds(recipe, device=device, dtype=dtype, repeats=3)
+    row = {}
     commands = {
         "c": [*tools["evomerge"], "merge", str(runs / "recipe.yaml"), str(runs / "evomerge"), *tools["evomerge_flags"]]
     }
@@ -312,8 +356,6 @@ def measure(method: str, paths: dict[str, Path], args: argparse.Namespace, tools
         )
     if "d" in samples:
         row["speedup"] = statistics.median(d[0] / c[0] for c, d in zip(samples["c"], samples["d"], strict=True))
-    row["phases"] = to_disk_phases(recipe, runs / "profiled", device=args.device, dtype=args.dtype)
-    shutil.rmtree(runs / "profiled")
     if tools["mergekit"]:
         row["diff"] = None if method in RANDOM else max_abs_diff(runs / "evomerge", runs / "mergekit")
     return row
@@ -338,7 +380,9 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
             f"{r['a'] * 1e3:.0f} ms, {r['gbps']:.1f} GB/s",
             f"{r['b'] * 1e3:.0f} ms{peak}",
             f"{b_ratio:.1f}×",
-            f"{r['b_first']:.2f} s" + (f", keeps {mb(r['kept'])}" if r["kept"] else ""),
+            f"{r['b_first']:.2f} s"
+            + (f" (kernels built {r['b_build']:.0f} s later)" if r["b_build"] >= 0.5 else "")
+            + (f", keeps {mb(r['kept'])}" if r["kept"] else ""),
         ]
         cells.append(f"{r['c']:.1f} s ({r['start_c']:.1f} s start-up)")
         said = [f"(b) is {b_ratio:.1f}× (a)"]
@@ -400,11 +444,46 @@ def report(rows: dict[str, dict], dtype: str) -> list[str]:
     return lines
 
 
+def large_vocab_report(rows: dict[str, dict], paths: dict[str, Path], args: argparse.Namespace) -> list[str]:
+    reference = Checkpoint.open(paths["base"])
+    parameters = sum(math.prod(reference.shape(name)) for name in reference.names)
+    lines = [
+        "## A tied model with a large vocabulary",
+        "",
+        f"(c) against (d) as above, {args.runs} runs each, on 3 random `Gemma3ForCausalLM` (text; vocab "
+        f"{LARGE_VOCAB['vocab_size']:,}, hidden {LARGE_VOCAB['hidden_size']}, intermediate "
+        f"{LARGE_VOCAB['intermediate_size']}, {LARGE_VOCAB['num_hidden_layers']} layers, tied embeddings: the "
+        f"embedding is {math.prod(reference.shape('model.embed_tokens.weight')) / parameters:.0%} of its "
+        f"{parameters / 1e6:.0f} M parameters), {mb(parameters * torch_dtype(args.dtype).itemsize)} each in "
+        f"{args.dtype}; fine-tunes = base + N(0, {NOISE}²).",
+        "",
+        "| method | (c) evomerge merge | (d) mergekit-yaml | d/c | d/c after start-up | peak RSS (c) | peak RSS (d) "
+        "| max abs(c − d) |",
+        "| --- " * 8 + "|",
+    ]
+    for method, r in rows.items():
+        cells = [method, f"{r['c']:.1f} s ({r['start_c']:.1f} s start-up)"]
+        if "d" in r:
+            engine = (r["d"] - r["start_d"]) / (r["c"] - r["start_c"])
+            diff = "random method" if r["diff"] is None else f"{r['diff']:.1e}"
+            cells += [f"{r['d']:.1f} s ({r['start_d']:.1f} s start-up)", f"{r['speedup']:.2f}×", f"{engine:.2f}×"]
+            cells += [mb(r["rss_c"]), mb(r["rss_d"]), diff]
+        else:
+            cells += ["skipped: no mergekit-yaml", "–", "–", mb(r["rss_c"]), "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--methods", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument(
+        "--large-methods",
+        default="slerp,dare_ties,dare_linear",
+        help="methods timed on the tied large-vocabulary model, (c) against (d) only ('' for none)",
+    )
     parser.add_argument("--repeats", type=int, default=9, help="rounds of (a) and (b) in turn, after one warm-up")
     parser.add_argument("--runs", type=int, default=5, help="fresh-process runs of (c) and (d), taking turns")
     parser.add_argument("--scale", type=float, default=1.0, help="model width and depth multiplier (default 1)")
@@ -440,6 +519,14 @@ def main() -> None:
     for method in args.methods.split(","):
         rows[method] = measure(method, paths, args, tools)
         print(f"{method}: " + ", ".join(f"{k}={v}" for k, v in rows[method].items() if k != "phases"), flush=True)
+    large_paths = build_models(
+        args.work / f"models-gemma3-262k-{args.dtype}-seed{SEED}", scale=1, dtype=dtype, large_vocab=True
+    )
+    large = {}
+    for method in filter(None, args.large_methods.split(",")):
+        recipe = make_recipe(method, large_paths, args.dtype)
+        large[method] = whole_process(method, recipe, args.work / "runs" / f"large-{method}", args, tools)
+        print(f"large vocabulary, {method}: " + ", ".join(f"{k}={v}" for k, v in large[method].items()), flush=True)
 
     config = LlamaConfig.from_pretrained(paths["base"])
     reference = Checkpoint.open(paths["base"])
@@ -467,7 +554,8 @@ def main() -> None:
         "- (a): one fused `add` (2 inputs) or `addcmul` (3 inputs) per tensor over sources resident on the device, "
         "N reads + 1 write per entry: the least any merge moves. (b): `InPlaceMerger.materialize` into a loaded "
         "model, sources resident (the first call, which also computes what the method declares as its precompute and "
-        "compiles TIES' and DARE-TIES' fused kernels, is timed apart, with the memory that precompute keeps on the "
+        "merges eagerly while TIES' and DARE-TIES' fused kernels compile in the background, is timed apart, with how "
+        "much later the kernels were built, with the memory that precompute keeps on the "
         f"device beside the resident sources). After a warm-up, (a) and (b) run in turn for {args.repeats} rounds, "
         "so both meet the same load: (a) and (b) are the medians, b/a the median of the rounds' ratios. One more "
         "call of (b) runs under torch.profiler and names the ops below.",
@@ -480,7 +568,8 @@ def main() -> None:
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, "\n".join(header + report(rows, args.dtype)) + "\n")
+    tail = ["", *large_vocab_report(large, large_paths, args)] if large else []
+    atomic_write_text(args.out, "\n".join(header + report(rows, args.dtype) + tail) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -169,6 +169,11 @@ def theirs(worlds, untied_expert, tmp_path_factory) -> dict[tuple[str, str], Pat
         outputs[family, method] = root / f"{family}-{method}"
         args += [str(config), str(outputs[family, method])]
     subprocess.run([MERGEKIT_PYTHON, "-c", RUN_ALL, *args], check=True, capture_output=True)
+    # mergekit keeps the tied base's tie_word_embeddings beside the head it writes: untie them as the card
+    # tells a user to, or the head reads (as transformers loads it) as the embedding.
+    for method in MIXED:
+        config = outputs["mixed", method] / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "tie_word_embeddings": False}))
     return outputs
 
 

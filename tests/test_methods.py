@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import threading
 
 import pytest
 import torch
@@ -197,6 +198,10 @@ def test_precomputed_gives_the_same_merge(
     # A random method's precompute draws from the generator the method would draw from (call's seed 0).
     extra = {"generator": torch.Generator().manual_seed(0)} if method.random else {}
     precomputed = method.precompute(base, models - base if method.inputs == "deltas" else models, **extra)
+    if compiled:
+        # The first call queues the kernel's build and merges eagerly; once built, the calls below run it.
+        call(name, base, models, precomputed=precomputed)
+        fused.wait_for_kernels()
     for density in (0.1, 0.5, 0.9):
         for normalize in (True, False):
             overrides = {"density": density} if any(p.name == "density" for p in method.params) else {}
@@ -226,7 +231,7 @@ def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch: pyte
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(fused, "MIN_ENTRIES", 0)
     monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused, "_eager", {})
+    monkeypatch.setattr(fused, "_building", set())
     monkeypatch.setattr(fused, "_broken", [])
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(8, 16, generator=generator)
@@ -234,11 +239,53 @@ def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch: pyte
     order = get_method("ties").precompute(base, models - base)
     with caplog.at_level("WARNING", logger="evomerge.methods.fused"):
         merged = call("ties", base, models, density=0.5, precomputed=order)
+        fused.wait_for_kernels()
         again = call("ties", base, models, density=0.7, precomputed=order)
     assert torch.equal(merged, call("ties", base, models, density=0.5))
     assert torch.equal(again, call("ties", base, models, density=0.7))
     assert fused._broken == ["RuntimeError: no C++ compiler"]
     assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
+
+
+def test_the_first_call_merges_eagerly_while_the_kernel_compiles(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The first candidate does not wait minutes for torch.compile (issue 32): the first call merges eagerly
+    and says so, the kernel is built in the background once asked to (after the in-place path's first
+    candidate), and the calls after it run the kernel."""
+    from evomerge.methods import fused
+
+    if not fused.checked_bit_equal("cpu", torch.float32, torch.__version__):
+        pytest.skip(f"torch {torch.__version__} runs the kernels eagerly on the CPU: nothing is compiled")
+    built = threading.Event()
+    compiled_calls = []
+
+    def slow_compile(fn, **options):
+        def kernel(*args, **kwargs):
+            built.wait(timeout=60)  # the compiler is still at work when the first call returns
+            compiled_calls.append(fn)
+            return fn(*args, **kwargs)
+
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    monkeypatch.setattr(fused, "MIN_ENTRIES", 0)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_building", set())
+    monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_builder", [])
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 16, generator=generator)
+    models = base + 0.1 * torch.randn(2, 8, 16, generator=generator)
+    order = get_method("ties").precompute(base, models - base)
+    first = call("ties", base, models, density=0.5, precomputed=order)
+    assert compiled_calls == [] and torch.equal(first, call("ties", base, models, density=0.5))
+    assert "ties_by_threshold merges eagerly until torch.compile has built its fused kernel" in capsys.readouterr().out
+    assert not fused._builder  # nothing compiles beside the first candidate
+    built.set()
+    fused.wait_for_kernels()
+    assert "ties_by_threshold's fused kernel built in" in capsys.readouterr().out
+    call("ties", base, models, density=0.5, precomputed=order)
+    # Once on the build's sample, once for the call.
+    assert [fn.__name__ for fn in compiled_calls] == ["_ties_by_threshold"] * 2
 
 
 @pytest.mark.parametrize("name", ALL)

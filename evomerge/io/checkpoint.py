@@ -32,6 +32,8 @@ from evomerge.io.pickled import load_state_dict
 
 INDEX_NAME = SAFETENSORS_INDEX
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+# A causal LM's head, which a tied model reads from its input embedding.
+_HEAD = "lm_head.weight"
 
 # The floating-point dtypes a merge averages, by safetensors' names. Anything else (I8, U8, I32, F8_E4M3,
 # ...) is a quantized weight or a buffer, refused when the checkpoint is opened, never read as float32.
@@ -94,6 +96,11 @@ class Checkpoint:
             names=checkpoint.names,
             non_float={name: dtype for name, (_, dtype) in stored.items() if dtype not in _DTYPES},
         )
+        # A tie is what the config says, whatever the file stores: a .bin saved from a tied model's state
+        # dict holds its head as an alias of the embedding, which transformers ties again on loading. Read
+        # as a head of its own, it would untie the merge (and every tied source merged with it).
+        if _HEAD in checkpoint.shards and ties_embeddings(config):
+            del checkpoint.shards[_HEAD]
         return checkpoint
 
     @property
@@ -223,6 +230,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint('{self.ref}')"
+
+
+def ties_embeddings(config: dict) -> bool:
+    """Whether transformers ties the model's LM head to its input embedding: the config's
+    ``tie_word_embeddings``, else its family's default (Gemma's true, Llama's false)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(config.get("model_type", "")).tie_word_embeddings
+    except ValueError:  # a family transformers does not know: it would not load the model to tie it either
+        return False
 
 
 def _shard_map(path: Path, keys: Callable[[Path], Iterable[str]]) -> dict[str, Path]:

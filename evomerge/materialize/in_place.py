@@ -22,7 +22,7 @@ from evomerge.errors import EvomergeError
 from evomerge.materialize.host_buffer import HostBuffer
 from evomerge.materialize.plan import method_kwargs, validate
 from evomerge.materialize.sources import MergeSources
-from evomerge.methods import MergeMethod
+from evomerge.methods import MergeMethod, fused
 from evomerge.recipe.recipe import Recipe
 
 TIERS = ("resident", "host", "disk")
@@ -106,6 +106,8 @@ class InPlaceMerger:
                     method.merge(base, stacked, **kwargs, out=target)
                 else:
                     target.copy_(method.merge(base, stacked, **kwargs))
+        # Only now, the first candidate merged eagerly: compiling beside it would slow it down (methods/fused.py).
+        fused.start_building()
 
     def _inputs(self) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
         """Each tensor's ``(base, stacked)`` on its parameter's device, from the tier that keeps them."""

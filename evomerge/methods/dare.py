@@ -20,10 +20,13 @@ from evomerge.methods.task_arithmetic import merge_task_vectors, sparse_task_ari
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
 # Entries per block of the chunked (eager) merge: its dozen temporaries are then blocks the allocator
-# reuses and the cache holds, not tensor-sized fresh mappings whose page faults cost more than the
-# arithmetic. 2**17 (half a megabyte of float32) measured fastest for the same chunked TIES merge:
-# 0.42 s per candidate on the merge bench against 0.48 s at 2**18 and 0.64 s at 2**16.
-_CHUNK = 1 << 17
+# reuses, not tensor-sized fresh mappings whose page faults cost more than the arithmetic (mergekit's
+# whole-tensor temporaries peak at 7.3 GB on a 262k-token vocabulary, ours at 4.2). Few blocks, though:
+# each op on a block is one parallel region of torch's threads, whose barrier waits for the slowest
+# thread, and on a shared machine that one has lost its core. On a quarter of a 262k x 640 embedding
+# with two threads under load (2 cores, load average ~18), 2**17 took 97 s, 2**20 17 s and 2**22 7 s;
+# with one thread 2.5, 3.0 and 3.2 s (scripts/bench_merge.py's large-vocabulary rows).
+_CHUNK = 1 << 22
 
 
 def dare_draws(base: torch.Tensor, deltas: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor | None:

@@ -13,14 +13,24 @@ which also keeps Triton from fusing multiply-adds; its C++ keeps ``-ffp-contract
 are the eager methods' bit for bit (tests/test_methods.py, test_precomputed_gives_the_same_merge): a merge written in place equals the same
 recipe merged to disk.
 
-Compiling costs seconds once per process and per (model count, dtype, options): the in-place path pays
-it on its first candidate and a search amortises it over hundreds. Where compiling fails (no C++
-compiler, an unsupported device) the same functions run eagerly, slower and with the same results.
+Compiling costs once per process and per (model count, dtype, options): 2-3 minutes on a CPU where
+inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, by default under /tmp) does not hold the kernel yet, half a
+minute where it does. A search's first candidate should not wait for that (issue 32: 134-144 s on every
+start), and compiling always pays later (on the merge bench 1.5x the bandwidth floor instead of 8x, over
+hundreds of candidates). So the first call queues a kernel's build, on a small sample of its arguments,
+and calls merge eagerly with the same numbers; the in-place path starts the build once its first candidate
+is merged (``start_building``: compiling beside that merge slowed it more than the compile cost, on 2 busy
+cores), in a background thread, while the candidate is scored; once built, calls run the kernel. The run's
+output says which path runs and why. Where compiling fails (no C++ compiler, an unsupported
+device) the same functions keep running eagerly, slower and with the same results.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,9 +44,14 @@ MIN_ENTRIES = 1 << 15
 
 # Model counts, dtypes and options compile once each; shapes are dynamic, so tensors of every size share one kernel.
 _OPTIONS = {"emulate_precision_casts": True}
-_compiled: dict[Callable, Callable] = {}  # eager function -> compiled
-_eager: dict[Callable, Callable] = {}  # compiled -> eager function
+# Entries of the sample a kernel is built on in the background: enough that no size is specialised (0 and 1
+# are), few enough that running it costs nothing.
+_SAMPLE = 1 << 12
+_compiled: dict[Callable, Callable] = {}  # eager function -> compiled, once built
+_building: set[Callable] = set()  # eager functions whose kernel is queued or being built
 _broken: list[str] = []  # why compiling failed, once it has: every later call runs eagerly
+_builds: queue.Queue = queue.Queue()  # (eager function, sample arguments, options), built one at a time
+_builder: list[threading.Thread] = []
 
 
 def worth_fusing(tensor: torch.Tensor) -> bool:
@@ -73,8 +88,7 @@ def ties_by_threshold(
     ``thresholds`` and ``weights`` in the deltas' dtype. Where a trim's cut splits equal magnitudes the
     caller passes the next float above them, keeping none of them, and merges those entries itself.
     """
-    kernel = _compile(_ties_by_threshold) if compiled else _ties_by_threshold
-    _run(kernel, *_flat(out, base, deltas), thresholds, weights, lambda_, normalize=normalize)
+    _run(_ties_by_threshold, compiled, *_flat(out, base, deltas), thresholds, weights, lambda_, normalize=normalize)
     return out
 
 
@@ -97,9 +111,8 @@ def ties_by_draws(
     where ``draws[rows[i]] < cuts[i]`` (the mask ``sparsify.bernoulli`` draws from the same words),
     divided by ``divisors[i]`` when ``rescale``. ``cuts`` float32, ``divisors`` and ``weights`` in the
     deltas' dtype."""
-    kernel = _compile(_ties_by_draws) if compiled else _ties_by_draws
     arguments = (draws, rows, cuts, divisors, weights, lambda_)
-    _run(kernel, *_flat(out, base, deltas), *arguments, normalize=normalize, rescale=rescale)
+    _run(_ties_by_draws, compiled, *_flat(out, base, deltas), *arguments, normalize=normalize, rescale=rescale)
     return out
 
 
@@ -146,24 +159,76 @@ def _agreeing_sum(out, base, weighted, weights, lambda_, *, normalize):
     return out
 
 
-def _compile(fn: Callable) -> Callable:
-    """``fn`` compiled (once per process), or ``fn`` itself once compiling has failed."""
-    if _broken:
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
-        _eager[_compiled[fn]] = fn
-    return _compiled[fn]
+def start_building() -> None:
+    """Start compiling the queued kernels in a background thread, unless it runs already."""
+    if not _builder and _building:
+        # A daemon: a process that ends mid-build (a short merge) does not wait for the compiler.
+        _builder.append(threading.Thread(target=_build_kernels, name="evomerge-compile", daemon=True))
+        _builder[0].start()
 
 
-def _run(kernel: Callable, *args, **options) -> torch.Tensor:
-    if kernel not in _eager:
-        return kernel(*args, **options)
+def wait_for_kernels() -> None:
+    """Build the queued kernels and block until they are built (or compiling has failed): for callers that
+    time or check the compiled kernels (scripts/bench_merge.py, tests)."""
+    start_building()
+    _builds.join()
+
+
+def _run(fn: Callable, compiled: bool, *args, **options) -> torch.Tensor:
+    """``fn`` compiled where ``compiled`` asks for it and its kernel is built; else ``fn`` itself, queueing
+    the kernel's build on the first such call."""
+    kernel = _compiled.get(fn) if compiled and not _broken else None
+    if kernel is None:
+        if compiled and not _broken and fn not in _building:
+            _queue_build(fn, args, options)
+        return fn(*args, **options)
     try:
         return kernel(*args, **options)
     except torch.OutOfMemoryError:
         raise  # the device is full, not the compiler broken: the eager kernels need more memory, not less
     except Exception as error:  # noqa: BLE001 - any compiler failure leaves the eager function: same numbers
-        _broken.append(f"{type(error).__name__}: {error}")
-        log.warning("torch.compile failed; merging with eager kernels from now on (slower): %s", _broken[0])
-    return _eager[kernel](*args, **options)
+        _give_up(error)
+    return fn(*args, **options)
+
+
+def _queue_build(fn: Callable, args: tuple, options: dict) -> None:
+    entries = args[0].numel()  # every call's first argument is the flat output
+    # The sample: the first entries of every per-entry argument (the rest are per model), copied, so the
+    # build neither writes the caller's output nor holds its tensors.
+    sample = tuple(
+        a[..., :_SAMPLE].clone() if isinstance(a, torch.Tensor) and a.ndim and a.shape[-1] == entries else a
+        for a in args
+    )
+    _building.add(fn)
+    _builds.put((fn, sample, options))
+    print(
+        f"evomerge: {fn.__name__.strip('_')} merges eagerly until torch.compile has built its fused kernel in the "
+        "background, from the end of the first candidate on (minutes where inductor's cache lacks it; the same "
+        "numbers either way)",
+        flush=True,
+    )
+
+
+def _build_kernels() -> None:
+    while True:
+        fn, sample, options = _builds.get()
+        started = time.perf_counter()
+        try:
+            kernel = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
+            kernel(*sample, **options)
+        except Exception as error:  # noqa: BLE001 - see _run
+            _give_up(error)
+        else:
+            _compiled[fn] = kernel
+            print(
+                f"evomerge: {fn.__name__.strip('_')}'s fused kernel built in {time.perf_counter() - started:.0f} s; "
+                "merging with it from now on",
+                flush=True,
+            )
+        finally:
+            _builds.task_done()
+
+
+def _give_up(error: Exception) -> None:
+    _broken.append(f"{type(error).__name__}: {error}")
+    log.warning("torch.compile failed; merging with eager kernels from now on (slower): %s", _broken[0])

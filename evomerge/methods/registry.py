@@ -116,8 +116,8 @@ class MergeMethod:
     mapping from the OS, whose page faults cost more than the merge itself.
 
     ``precompute(base, inputs)``, when a method declares one, derives what the method needs from its
-    inputs alone, whatever its parameters (TIES: each task vector's magnitudes in sorted order; slerp: the two
-    norms and the dot product). A caller that merges the same resident inputs again and again (the
+    inputs alone, whatever its parameters (TIES: each task vector's magnitudes in sorted order; slerp: the
+    cosine between its two inputs). A caller that merges the same resident inputs again and again (the
     in-place path) computes it once and passes it as ``precomputed=``; others pass nothing, and the
     method works it out itself, possibly a cheaper way for a single use. A random method's precompute
     also takes the tensor's ``generator`` (DARE: the draws themselves, which depend on the seed and not
