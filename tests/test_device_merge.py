@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from evomerge.io.checkpoint import Checkpoint
 from evomerge.materialize.in_place import InPlaceMerger
 from evomerge.materialize.to_disk import merge_to_disk
-from evomerge.methods import method_names
+from evomerge.methods import fused, method_names
 from evomerge.recipe.recipe import Recipe
 from tests.test_merge import RECIPES
 
@@ -78,7 +78,9 @@ def test_in_place_equals_to_disk_with_compiled_kernels(models, tmp_path, method,
     out = merge_to_disk(recipe, tmp_path / "merged", device=device)
     live = AutoModelForCausalLM.from_pretrained(models["base"], dtype=getattr(torch, dtype)).to(device)
     merger = InPlaceMerger(model=live, template=recipe)
-    merger.materialize(recipe)
+    merger.materialize(recipe)  # eagerly: the fused kernels compile after the first candidate (methods/fused.py)
+    fused.wait_for_kernels()
+    merger.materialize(recipe)  # with them
     written = Checkpoint.open(out)
     params = dict(live.named_parameters())
     assert params["model.layers.0.mlp.up_proj.weight"].numel() > 2**15
