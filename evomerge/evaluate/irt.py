@@ -243,6 +243,13 @@ def _fit_map(
     return params[0], params[1], params[2]
 
 
+def _nearest_centre(features: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Each item's nearest centre, by |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix product instead of an
+    items x centres x features array (14,000 items x 100 centres, 50 rounds, per fit)."""
+    squared = (centres**2).sum(-1)[None, :] - 2.0 * features @ centres.T
+    return squared.argmin(axis=1)  # |x|^2 is the same for every centre
+
+
 def _cluster_anchors(
     features: np.ndarray, *, n_anchors: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -251,19 +258,22 @@ def _cluster_anchors(
     Items with identical parameters can leave a cluster empty; it is dropped, so there may be fewer anchors.
     """
     picks = [int(rng.integers(len(features)))]
+    nearest = ((features - features[picks[0]]) ** 2).sum(-1)  # each item's squared distance to its nearest pick
     while len(picks) < n_anchors:
-        distance = ((features[:, None, :] - features[picks][None]) ** 2).sum(-1).min(axis=1)
-        if distance.sum() == 0:  # the rest duplicate a centre already picked: any unpicked item will do
-            distance = np.ones(len(features))
-            distance[picks] = 0.0
-        picks.append(int(rng.choice(len(features), p=distance / distance.sum())))
+        odds = nearest
+        if odds.sum() == 0:  # the rest duplicate a centre already picked: any unpicked item will do
+            odds = np.ones(len(features))
+            odds[picks] = 0.0
+        picks.append(int(rng.choice(len(features), p=odds / odds.sum())))
+        nearest = np.minimum(nearest, ((features - features[picks[-1]]) ** 2).sum(-1))
     centres = features[picks]
     for _ in range(_KMEANS_ROUNDS):
-        labels = ((features[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
-        centres = np.stack(
-            [features[labels == c].mean(axis=0) if np.any(labels == c) else centres[c] for c in range(n_anchors)]
-        )
-    labels = ((features[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        labels = _nearest_centre(features, centres)
+        counts = np.bincount(labels, minlength=n_anchors)
+        sums = np.stack([np.bincount(labels, weights=column, minlength=n_anchors) for column in features.T], axis=1)
+        occupied = counts > 0
+        centres = np.where(occupied[:, None], sums / np.maximum(counts, 1)[:, None], centres)
+    labels = _nearest_centre(features, centres)
     anchors, weights = [], []
     for cluster in range(n_anchors):
         members = np.flatnonzero(labels == cluster)
