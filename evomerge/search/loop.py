@@ -103,7 +103,8 @@ def run_search(
             recipes = [genome.to_recipe(p.x) for p in proposals]
             keys = [r.canonical() for r in recipes]
 
-            if getattr(evaluate, "whole_generation", False):
+            whole_generation = getattr(evaluate, "whole_generation", False)
+            if whole_generation:
                 _replay_whole_generations(keys, state, replay, replayable=evaluate.replays_whole_generations)
             fresh = [i for i, k in enumerate(keys) if k not in state.cache and k not in replay and k not in keys[:i]]
             arrived: dict[str, Outcome] = {}
@@ -112,7 +113,7 @@ def run_search(
             # at most the candidates still in flight.
             _log_ready(run, state, proposals, recipes, keys, arrived, replay, objectives, scores, progress)
             batch = [recipes[i] for i in fresh]
-            if getattr(evaluate, "whole_generation", False):
+            if whole_generation:
                 # A race also needs the proposals (optuna's pruner reports to their trials), and both the
                 # generation (its item order, what an estimate has learned by then).
                 scored = evaluate(batch, [proposals[i] for i in fresh], generation=state.generation)
