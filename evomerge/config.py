@@ -116,6 +116,9 @@ class EstimateConfig:
     # generations scored on every item first, and fitted on: endpoints that all fail the objective teach
     # the fit nothing about its items (results/fitness_cost_smollm.md)
     warmup: int = 1
+    # score a generation's best estimate on every item only where its estimate (calibrated by the last
+    # verified error) is within this of the best accuracy so far; null: always (results/fitness_cost_*.md)
+    verify_within: float | None = None
 
 
 class ExecutorKind(str, Enum):
@@ -268,6 +271,12 @@ def check_config(cfg: DictConfig) -> None:
             raise bad("estimate.dims", estimate.dims, "a positive number of ability dimensions, e.g. 2")
         if estimate.warmup < 0:
             raise bad("estimate.warmup", estimate.warmup, "a number of generations >= 0 scored on every item, e.g. 1")
+        if estimate.verify_within is not None and not 0 <= estimate.verify_within <= 1:
+            raise bad(
+                "estimate.verify_within",
+                estimate.verify_within,
+                "null (score every generation's best estimate on every item) or an accuracy margin in [0, 1], e.g. 0.05",
+            )
         if racing.enabled or len(cfg.objectives) != 1 or len(cfg.objectives[0].terms) != 1 or cfg.in_flight is not None:
             raise EvomergeError(
                 "estimate.enabled estimates one per-item metric of one task, over whole generations, without "

@@ -65,6 +65,13 @@ ROWS: dict[str, list[str]] = {
     SUBSET: ["budget.evaluations={long_budget}", "tasks.limit={anchors}", "tasks.sample_seed={seed}"],
     "racing": ["budget.evaluations={budget}", "racing.enabled=true"],  # it costs about as much as every item
     "IRT": ["budget.evaluations={long_budget}", "estimate.enabled=true", "estimate.anchors={anchors}"],
+    # Each generation's best scored on every item only where it could be the best so far (within 0.03).
+    "IRT, verified where it can pay": [
+        "budget.evaluations={long_budget}",
+        "estimate.enabled=true",
+        "estimate.anchors={anchors}",
+        "estimate.verify_within=0.03",
+    ],
     "lq-CMA-ES": ["budget.evaluations={budget}", "optimizer=lq_cmaes"],
     "IRT + lq-CMA-ES": [
         "budget.evaluations={long_budget}",

@@ -2,8 +2,8 @@
 issue 30 (each row routed, its routed matrices rebuilt dense in float32, no KV cache; the build holding every
 model in RAM and running full float64 SVDs on the CPU). Writes ``results/twin_bench.md``.
 
-    python scripts/twin_bench.py                         # TinyLlama-1.1B's shapes (hours on a busy 2-core CPU)
-    python scripts/twin_bench.py --hidden 1024 --layers 2  # what results/twin_bench.md shows
+    python scripts/twin_bench.py --old-timeout 5400     # TinyLlama-1.1B: results/twin_bench.md
+    python scripts/twin_bench.py --hidden 1024 --layers 2 --out results/twin_bench_56m.md
     python scripts/twin_bench.py --device cuda --quick   # a small model, seconds: scripts/gpu_check.sh
 
 The models are random: a Llama base (float32) and two experts made by adding N(0, 0.002^2) to every weight;
@@ -65,6 +65,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--old-timeout", type=float, default=None, help="seconds before the old implementation is stopped"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "twin_bench.md")
     parser.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -76,9 +80,10 @@ def main() -> None:
         world = Path(scratch) / "world"
         build_world(world, sizes)
         runs = {}
-        for name in ["new"] if args.quick else ["old", "new"]:
+        # The new implementation first: at 1.1B the old one may run out of memory or time, and that is a result.
+        for name in ["new"] if args.quick else ["new", "old"]:
             code = REPO if name == "new" else old_code(Path(scratch) / "old")
-            runs[name] = run_worker(args, name, code, world)
+            runs[name] = run_worker(args, name, code, world, timeout=args.old_timeout if name == "old" else None)
             print(name, runs[name], flush=True)
     if args.quick:
         checks = runs["new"]["checks"]
@@ -117,12 +122,23 @@ def old_code(folder: Path) -> Path:
     return folder
 
 
-def run_worker(args, name: str, code: Path, world: Path) -> dict:
+def run_worker(args, name: str, code: Path, world: Path, timeout: float | None = None) -> dict:
+    """One implementation's measures; for the old one, ``{"failed": why}`` if it is killed or runs out of time."""
     command = [sys.executable, __file__, "--worker", name, "--world", str(world), "--device", args.device]
     command += ["--svd-rank", str(args.svd_rank), "--batch", str(args.batch), "--prompt", str(args.prompt)]
     command += ["--new-tokens", str(args.new_tokens)]
     env = dict(os.environ, PYTHONPATH=str(code))
-    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=code)
+    began = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=code, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"stopped after {timeout:.0f} s, still building or scoring"}
+    if done.returncode != 0 and name == "old":
+        killed = done.returncode < 0 and -done.returncode == 9
+        why = "killed (SIGKILL: the kernel's out-of-memory killer)" if killed else f"exit {done.returncode}"
+        return {"failed": f"{why} after {time.perf_counter() - began:.0f} s; {done.stderr.strip()[-300:]}"}
+    if done.returncode != 0:
+        raise SystemExit(f"twin_bench: the {name} implementation failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -210,39 +226,43 @@ def write_table(args, sizes: dict, runs: dict) -> None:
     old, new = runs["old"], runs["new"]
     gib = 1024**3
     command = shlex.join(["python", "scripts/twin_bench.py", *sys.argv[1:]])
-    rows = [
-        ("build (s)", f"{old['build_s']:.1f}", f"{new['build_s']:.1f}", old["build_s"] / new["build_s"]),
-        (
-            "peak RSS during the build (GiB)",
-            f"{old['build_peak_rss'] / gib:.2f}",
-            f"{new['build_peak_rss'] / gib:.2f}",
-            old["build_peak_rss"] / new["build_peak_rss"],
-        ),
-        (
-            f"scoring: one forward of {args.batch} x {args.prompt} tokens (tokens/s)",
-            f"{old['score_tokens_per_s']:.0f}",
-            f"{new['score_tokens_per_s']:.0f}",
-            new["score_tokens_per_s"] / old["score_tokens_per_s"],
-        ),
+    # (measure, key, scale, digits, True where more is better)
+    measures = [
+        ("build (s)", "build_s", 1, 1, False),
+        ("peak RSS during the build (GiB)", "build_peak_rss", gib, 2, False),
+        (f"scoring: one forward of {args.batch} x {args.prompt} tokens (tokens/s)", "score_tokens_per_s", 1, 0, True),
         (
             f"generation: {args.batch} rows x {args.new_tokens} new tokens, greedy (tokens/s)",
-            f"{old['generate_tokens_per_s']:.1f}",
-            f"{new['generate_tokens_per_s']:.1f}",
-            new["generate_tokens_per_s"] / old["generate_tokens_per_s"],
+            "generate_tokens_per_s",
+            1,
+            1,
+            True,
         ),
-        (
-            "peak RSS over the whole run (GiB)",
-            f"{old['peak_rss'] / gib:.2f}",
-            f"{new['peak_rss'] / gib:.2f}",
-            old["peak_rss"] / new["peak_rss"],
-        ),
+        ("peak RSS over the whole run (GiB)", "peak_rss", gib, 2, False),
     ]
-    same = sum(a == b for a, b in zip(old["new_tokens"], new["new_tokens"], strict=True))
+    rows = []
+    for name, key, scale, digits, more_is_better in measures:
+        after = f"{new[key] / scale:.{digits}f}"
+        if "failed" in old:
+            rows.append(f"| {name} | did not finish | {after} | - |")
+            continue
+        gain = new[key] / old[key] if more_is_better else old[key] / new[key]
+        rows.append(f"| {name} | {old[key] / scale:.{digits}f} | {after} | {gain:.1f}x |")
+    if "failed" in old:
+        tokens = f"Before: did not finish ({old['failed']})."
+    else:
+        same = sum(a == b for a, b in zip(old["new_tokens"], new["new_tokens"], strict=True))
+        tokens = (
+            f"Greedy tokens: {same} of {args.batch} rows identical before and after. The routing is not the same: "
+            "before, every new token was routed again on the whole sequence so far; after, a row's weights are "
+            "read from its prompt and held (the issue's design). The factors differ by the randomized SVD's error "
+            "(a random model's differences have a flat spectrum, the worst case for it)."
+        )
     lines = [
         "# Twin-Merging at size: before and after issue 30",
         "",
-        f"Regenerated by `{command}` on {new['device']} ({args.device}, {os.cpu_count()} cores, shared with other "
-        f"jobs: timings vary by run), {time.strftime('%Y-%m-%d')}.",
+        f"Regenerated by `{command}` on {new['device']} ({args.device}, {os.cpu_count()} cores), "
+        f"{time.strftime('%Y-%m-%d')}.",
         f"Model: random Llama in TinyLlama-1.1B's proportions (hidden {sizes['hidden_size']}, MLP "
         f"{sizes['intermediate_size']}, {sizes['num_attention_heads']} heads / {sizes['num_key_value_heads']} KV, "
         f"vocabulary {sizes['vocab_size']}, {sizes['num_hidden_layers']} layers; TinyLlama: 2048, 5632, 32 / 4, "
@@ -254,15 +274,12 @@ def write_table(args, sizes: dict, runs: dict) -> None:
         "",
         "| measure | before | after | gain |",
         "| --- | --- | --- | --- |",
-        *[f"| {name} | {a} | {b} | {ratio:.1f}x |" for name, a, b, ratio in rows],
+        *rows,
         "",
-        f"Greedy tokens: {same} of {args.batch} rows identical before and after. The routing is not the same: "
-        "before, every new token was routed again on the whole sequence so far; after, a row's weights are "
-        "read from its prompt and held (the issue's design). The factors differ by the randomized SVD's error "
-        "(a random model's differences have a flat spectrum, the worst case for it).",
+        tokens,
         "",
     ]
-    Path(REPO / "results" / "twin_bench.md").write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

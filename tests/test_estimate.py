@@ -166,14 +166,50 @@ def test_refit_tells_items_apart_where_every_endpoint_fails():
     assert far > 0.3 and near < 0.15, (far, near)
 
 
-def estimated_search(path, scorer, *, refit=False, warmup=0, evaluations=32):
+def test_verify_within_skips_the_full_scoring_that_cannot_pay(capsys):
+    """With ``verify_within``, a generation whose best estimate (calibrated by the last verified error) is
+    further than that below the best accuracy so far is told its estimates, and nothing is scored on
+    every item; one within it is verified as always."""
+    fitted = fit(refit=False, warmup=1)
+    scorer = PositionScorer()
+    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS, verify_within=0.155)
+    dict(estimate([P(0.3), P(0.75)], generation=0))  # warmup: the best so far is 0.75's accuracy
+    best_so_far = sum(answers(0.75)) / ITEMS
+    assert fitted.best_verified() == (best_so_far, 0.0)
+    scorer.calls.clear()
+    k = len(fitted.estimator_for(1).anchors)
+    outcomes = dict(estimate([P(0.4), P(0.5)], generation=1))
+    assert scorer.calls == [(0.4, k), (0.5, k)]  # anchors only: 0.5 cannot come within 0.05 of 0.75
+    assert all(o.items_total == ITEMS and len(o.item_values) == k for o in outcomes.values())
+    for o in outcomes.values():  # one scale: no verified error yet, so each is told its estimate
+        assert o.metrics["toy/acc"] == o.metrics["toy/acc" + ESTIMATE_SUFFIX]
+    assert "not scored on every item" in capsys.readouterr().out
+    scorer.calls.clear()
+    outcomes = dict(estimate([P(0.4), P(0.8)], generation=2))
+    assert scorer.calls == [(0.4, k), (0.8, k), (0.8, ITEMS - k)]  # within reach: verified
+    accuracy = sum(answers(0.8)) / ITEMS
+    error = accuracy - outcomes[1].metrics["toy/acc" + ESTIMATE_SUFFIX]
+    assert outcomes[1].metrics["toy/acc"] == accuracy and fitted.best_verified() == (accuracy, error)
+    scorer.calls.clear()
+    outcomes = dict(estimate([P(0.5)], generation=3))  # skipped again: told its estimate plus that error
+    assert scorer.calls == [(0.5, k)]
+    assert outcomes[0].metrics["toy/acc"] == outcomes[0].metrics["toy/acc" + ESTIMATE_SUFFIX] + error
+    plain = PositionScorer()
+    always = Estimate(score_items=plain, metric="toy/acc", fit=fit(refit=False, warmup=1), total=ITEMS)
+    dict(always([P(0.3), P(0.75)], generation=0))
+    plain.calls.clear()
+    dict(always([P(0.5)], generation=1))
+    assert plain.calls == [(0.5, k), (0.5, ITEMS - k)]  # null, the default: every generation's best is verified
+
+
+def estimated_search(path, scorer, *, refit=False, warmup=0, evaluations=32, verify_within=None):
     path.mkdir(parents=True, exist_ok=True)
     if (path / FIT_FILE).exists():
         fitted = Fit.read(path, n_anchors=20, dims=1, seed=0, refit=refit, warmup=warmup)
     else:
         fitted = fit(refit=refit, warmup=warmup, path=path / FIT_FILE)
         fitted.write()
-    evaluate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS)
+    evaluate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS, verify_within=verify_within)
     return search(path, evaluate, evaluations=evaluations)
 
 
@@ -201,6 +237,26 @@ def test_a_killed_estimated_search_resumes_to_the_identical_log(tmp_path, refit)
     learned = json.loads((tmp_path / "straight" / FIT_FILE).read_text())["learned"]
     assert len(learned) == (4 if refit else 0)
     assert json.loads((tmp_path / "crashed" / FIT_FILE).read_text())["learned"] == learned
+
+
+def test_a_killed_search_that_skips_verifications_resumes_to_the_identical_log(tmp_path):
+    straight = PositionScorer(p_of)
+    estimated_search(tmp_path / "straight", straight, warmup=1, verify_within=0.15)
+    rows = RunFolder(tmp_path / "straight").read_evaluations()
+    full = [row for row in rows if row["items"] == [ITEMS, ITEMS]]
+    assert 8 < len(full) < 8 + 3  # the warmup generation, then not every later generation's best
+    record = json.loads((tmp_path / "straight" / FIT_FILE).read_text())
+    assert [e["generation"] for e in record["verified"]] == [row["generation"] for row in full][7:]
+    with pytest.raises(KeyboardInterrupt):
+        estimated_search(
+            tmp_path / "crashed",
+            PositionScorer(p_of, crash_after=len(straight.calls) - 3),
+            warmup=1,
+            verify_within=0.15,
+        )
+    estimated_search(tmp_path / "crashed", PositionScorer(p_of), warmup=1, verify_within=0.15)
+    assert RunFolder(tmp_path / "crashed").read_evaluations() == rows
+    assert json.loads((tmp_path / "crashed" / FIT_FILE).read_text())["verified"] == record["verified"]
 
 
 def test_a_kill_after_any_row_of_a_generation_resumes_to_the_identical_log(tmp_path, monkeypatch):
@@ -272,6 +328,8 @@ def test_an_estimated_search_on_the_toy_world(toy_world, tmp_path, capsys):
         (["estimate.anchors=1000"], "estimate.anchors=1000"),
         (["racing.enabled=true"], "racing.enabled=True"),
         (["estimate.anchors=0"], "estimate.anchors"),
+        (["estimate.verify_within=1.5"], "estimate.verify_within=1.5"),
+        (["estimate.verify_within=nan"], "estimate.verify_within=nan"),
     ],
 )
 def test_estimated_fitness_refuses_what_it_cannot_estimate(toy_world, tmp_path, extra, message):

@@ -10,7 +10,10 @@ accuracy estimated; the generation's best estimate is then scored on the task's 
 So every candidate that can become the run's best has been scored on every item (loop.py reports only
 those), and each such row logs the estimate beside the real value (``<metric>@estimate``): the
 estimator's error against full scoring (``estimator_error``). The optimizer is told one scale (``Estimate``).
-With ``estimate.refit`` (the default) that best is fitted on too, at no cost in items.
+With ``estimate.refit`` (the default) that best is fitted on too, at no cost in items. With
+``estimate.verify_within`` set, that full scoring is skipped where it cannot pay: where the generation's
+best estimate, calibrated by the last verified error, is more than ``verify_within`` below the best
+accuracy scored so far (``Estimate``).
 
 A kill mid-generation logs nothing of that generation, and a kill between two of its rows makes the
 resumed run score it again whole (loop.py), identically.
@@ -150,10 +153,26 @@ class Fit:
         """Drop what was learned from ``generation`` on: a killed run scores those generations again."""
         learned = self.record["learned"]
         kept = [e for e in learned if e["generation"] < generation]
-        if len(kept) < len(learned):
+        verified = self.record.get("verified", [])
+        still = [e for e in verified if e["generation"] < generation]
+        if len(kept) < len(learned) or len(still) < len(verified):
             self.record["learned"] = kept
+            self.record["verified"] = still
             self._fits = {n: fit for n, fit in self._fits.items() if n <= len(kept)}
             self.write()
+
+    def verified(self, generation: int, accuracy: float, error: float | None) -> None:
+        """A generation's best accuracy on every item and, where it was estimated first, the estimate's error
+        (accuracy - estimate): what ``Estimate`` calibrates and compares later estimates with. Written with
+        the fit, so a resumed run decides as the killed one did."""
+        self.record.setdefault("verified", []).append({"generation": generation, "accuracy": accuracy, "error": error})
+        self.write()
+
+    def best_verified(self) -> tuple[float | None, float]:
+        """The best accuracy on every item so far (None before any) and the latest estimate's error (0 before any)."""
+        verified = self.record.get("verified", [])
+        errors = [e["error"] for e in verified if e["error"] is not None]
+        return max((e["accuracy"] for e in verified), default=None), errors[-1] if errors else 0.0
 
     def learn(self, generation: int, candidates: list[Candidate], values: list[list[float]]) -> None:
         """Results on every item (in item order) of candidates of ``generation``: kept (and written) to fit
@@ -196,11 +215,14 @@ class Estimate:
     whole_generation = True  # a killed generation is scored again, or replayed, only whole (loop.py)
     replays_whole_generations = True
 
-    def __init__(self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int) -> None:
+    def __init__(
+        self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int, verify_within: float | None = None
+    ) -> None:
         self.score_items = score_items
         self.metric = metric
         self.fit = fit
         self.total = total
+        self.verify_within = verify_within
 
     def __call__(
         self, recipes: list[Candidate], proposals: object = None, *, generation: int
@@ -214,9 +236,18 @@ class Estimate:
         rest = tuple(sorted(set(range(self.total)) - set(anchors)))
         outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=anchors)))
         estimates = {i: estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None}
-        shift, finished = 0.0, {}
-        if estimates:
-            best = max(estimates, key=lambda i: (estimates[i], -i))  # the earliest of equal estimates
+        best_so_far, shift = self.fit.best_verified()
+        finished = {}
+        best = max(estimates, key=lambda i: (estimates[i], -i)) if estimates else None  # the earliest of equals
+        if best is not None and not self._worth_verifying(estimates[best] + shift, best_so_far):
+            print(
+                f"evomerge: estimated fitness: generation {generation}'s best estimate, {estimates[best] + shift:.4f} "
+                f"calibrated, is more than estimate.verify_within={self.verify_within} below the best so far "
+                f"({best_so_far:.4f}): not scored on every item",
+                flush=True,
+            )
+            best = None
+        if best is not None:
             ((_, others),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=rest))
             seconds = outcomes[best].seconds + others.seconds
             if others.item_values is None:
@@ -230,6 +261,7 @@ class Estimate:
                 self.fit.learn(generation, [recipes[best]], [values])
                 accuracy = sum(values) / len(values)
                 shift = accuracy - estimates[best]
+                self.fit.verified(generation, accuracy, shift)
                 finished[best] = Outcome(
                     metrics={self.metric: accuracy, self.metric + ESTIMATE_SUFFIX: estimates[best]},
                     error=None,
@@ -248,11 +280,21 @@ class Estimate:
                 metrics = {self.metric: estimates[i] + shift, self.metric + ESTIMATE_SUFFIX: estimates[i]}
                 yield i, replace(outcome, metrics=metrics)
 
+    def _worth_verifying(self, calibrated: float, best_so_far: float | None) -> bool:
+        """Whether the generation's best estimate is scored on every item: always, unless ``verify_within``
+        is set and its calibrated estimate is further than that below the best accuracy so far."""
+        if self.verify_within is None or best_so_far is None:
+            return True
+        return calibrated >= best_so_far - self.verify_within
+
     def _every_item(self, recipes: list[Candidate], generation: int) -> Iterator[tuple[int, Outcome]]:
         """A warmup generation: every candidate on every item, each learned by the fit."""
         outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=tuple(range(self.total)))))
         scored = [i for i in range(len(recipes)) if outcomes[i].item_values is not None]
         self.fit.learn(generation, [recipes[i] for i in scored], [outcomes[i].item_values for i in scored])
+        if scored:
+            accuracies = [sum(outcomes[i].item_values) / len(outcomes[i].item_values) for i in scored]
+            self.fit.verified(generation, max(accuracies), None)
         for i in range(len(recipes)):
             outcome = outcomes[i]
             if outcome.item_values is None:

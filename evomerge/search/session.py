@@ -234,7 +234,13 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         evaluate = executor.evaluate
         if cfg.estimate.enabled:
             total = len(fit.record["responses"][0])
-            evaluate = Estimate(score_items=executor.evaluate, metric=metric, fit=fit, total=total)
+            evaluate = Estimate(
+                score_items=executor.evaluate,
+                metric=metric,
+                fit=fit,
+                total=total,
+                verify_within=cfg.estimate.verify_within,
+            )
         if cfg.racing.enabled:
             evaluate = Race(
                 score_items=executor.evaluate,
