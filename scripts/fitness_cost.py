@@ -72,6 +72,14 @@ ROWS: dict[str, list[str]] = {
         "estimate.anchors={anchors}",
         "estimate.verify_within=0.03",
     ],
+    # The same with no warmup generation: fitted on the endpoints, then on each verified best.
+    "IRT, no warmup, verified where it can pay": [
+        "budget.evaluations={long_budget}",
+        "estimate.enabled=true",
+        "estimate.anchors={anchors}",
+        "estimate.verify_within=0.03",
+        "estimate.warmup=0",
+    ],
     "lq-CMA-ES": ["budget.evaluations={budget}", "optimizer=lq_cmaes"],
     "IRT + lq-CMA-ES": [
         "budget.evaluations={long_budget}",
