@@ -2,7 +2,7 @@
 issue 30 (each row routed, its routed matrices rebuilt dense in float32, no KV cache; the build holding every
 model in RAM and running full float64 SVDs on the CPU). Writes ``results/twin_bench.md``.
 
-    python scripts/twin_bench.py --old-timeout 5400     # TinyLlama-1.1B: results/twin_bench.md
+    python scripts/twin_bench.py --old-timeout 4800     # TinyLlama-1.1B: results/twin_bench.md
     python scripts/twin_bench.py --hidden 1024 --layers 2 --out results/twin_bench_56m.md
     python scripts/twin_bench.py --device cuda --quick   # a small model, seconds: scripts/gpu_check.sh
 
