@@ -119,7 +119,7 @@ class Fit:
         """A fit on the endpoints' full results (a models x items list); ``write`` puts it at ``path``."""
         settings = {"n_anchors": n_anchors, "dims": dims, "seed": seed}
         state = AnchorEstimator.fit(responses, **settings).state()
-        record = {"responses": [list(row) for row in responses], "estimator": state, "learned": []}
+        record = {"responses": [list(row) for row in responses], "estimator": state, "learned": [], "verified": []}
         return cls(path=path, record=record, settings=settings, refit=refit, warmup=warmup)
 
     @classmethod
@@ -135,6 +135,7 @@ class Fit:
             for entry in learned
             if "generation" in entry or entry["key"] in generations
         ]
+        record.setdefault("verified", [])  # an irt.json written before verify_within has none
         settings = {"n_anchors": n_anchors, "dims": dims, "seed": seed}
         return cls(path=run_dir / FIT_FILE, record=record, settings=settings, refit=refit, warmup=warmup)
 
@@ -153,7 +154,7 @@ class Fit:
         """Drop what was learned from ``generation`` on: a killed run scores those generations again."""
         learned = self.record["learned"]
         kept = [e for e in learned if e["generation"] < generation]
-        verified = self.record.get("verified", [])
+        verified = self.record["verified"]
         still = [e for e in verified if e["generation"] < generation]
         if len(kept) < len(learned) or len(still) < len(verified):
             self.record["learned"] = kept
@@ -165,12 +166,12 @@ class Fit:
         """A generation's best accuracy on every item and, where it was estimated first, the estimate's error
         (accuracy - estimate): what ``Estimate`` calibrates and compares later estimates with. Written with
         the fit, so a resumed run decides as the killed one did."""
-        self.record.setdefault("verified", []).append({"generation": generation, "accuracy": accuracy, "error": error})
+        self.record["verified"].append({"generation": generation, "accuracy": accuracy, "error": error})
         self.write()
 
     def best_verified(self) -> tuple[float | None, float]:
         """The best accuracy on every item so far (None before any) and the latest estimate's error (0 before any)."""
-        verified = self.record.get("verified", [])
+        verified = self.record["verified"]
         errors = [e["error"] for e in verified if e["error"] is not None]
         return max((e["accuracy"] for e in verified), default=None), errors[-1] if errors else 0.0
 
