@@ -80,6 +80,16 @@ ROWS: dict[str, list[str]] = {
         "estimate.verify_within=0.03",
         "estimate.warmup=0",
     ],
+    "IRT, 50 anchors": ["budget.evaluations={long_budget}", "estimate.enabled=true", "estimate.anchors=50"],
+    # Smaller generations: a generation's verified best is most of an estimated generation's items.
+    "IRT, generations of 4": [
+        "budget.evaluations={long_budget}",
+        "estimate.enabled=true",
+        "estimate.anchors={anchors}",
+        "optimizer.popsize=4",
+    ],
+    # The same optimizer setting on every item, so that the two effects can be told apart.
+    "every item, generations of 4": ["budget.evaluations={budget}", "optimizer.popsize=4"],
     "lq-CMA-ES": ["budget.evaluations={budget}", "optimizer=lq_cmaes"],
     "IRT + lq-CMA-ES": [
         "budget.evaluations={long_budget}",
