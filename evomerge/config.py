@@ -106,16 +106,19 @@ class RacingConfig:
 
 @dataclass
 class EstimateConfig:
-    """Estimated fitness (evomerge/search/estimate.py): candidates scored on IRT anchor items."""
+    """Estimated fitness (evomerge/search/estimate.py): candidates scored on a few anchor items."""
 
     enabled: bool = False
+    # irt: anchors picked by an item-response model fitted on the endpoints; mean: a random sample of
+    # the items, drawn again each generation, its mean the estimate (no endpoints scored, no fit)
+    estimator: str = "irt"
     anchors: int = 100  # anchor items each candidate is scored on (tinyBenchmarks: 100 per task)
     dims: int = 2  # the IRT model's ability dimensions
-    seed: int = 0  # the fit's and the anchor clustering's seed
+    seed: int = 0  # of the fit and the anchor clustering (irt), or, with the run's seed, of the samples (mean)
     refit: bool = True  # fit again after each generation on its best (scored on every item) too
-    # generations scored on every item first, and fitted on: endpoints that all fail the objective teach
-    # the fit nothing about its items (results/fitness_cost_smollm.md)
-    warmup: int = 1
+    # generations scored on every item first (and fitted on): endpoints that all fail the objective teach
+    # the fit nothing about its items (results/fitness_cost_smollm.md); null: 1 for irt, 0 for mean
+    warmup: int | None = None
     # score a generation's best estimate on every item only where its estimate (calibrated by the last
     # verified error) is within this of the best accuracy so far; null: always (results/fitness_cost_*.md)
     verify_within: float | None = None
@@ -269,7 +272,11 @@ def check_config(cfg: DictConfig) -> None:
             raise bad("estimate.anchors", estimate.anchors, "a positive number of anchor items, e.g. 100")
         if estimate.dims < 1:
             raise bad("estimate.dims", estimate.dims, "a positive number of ability dimensions, e.g. 2")
-        if estimate.warmup < 0:
+        if estimate.estimator not in ("irt", "mean"):
+            raise bad(
+                "estimate.estimator", estimate.estimator, "irt (an item-response model) or mean (a random sample)"
+            )
+        if estimate.warmup is not None and estimate.warmup < 0:
             raise bad("estimate.warmup", estimate.warmup, "a number of generations >= 0 scored on every item, e.g. 1")
         if estimate.verify_within is not None and not 0 <= estimate.verify_within <= 1:
             raise bad(

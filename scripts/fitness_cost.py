@@ -90,6 +90,20 @@ ROWS: dict[str, list[str]] = {
     ],
     # The same optimizer setting on every item, so that the two effects can be told apart.
     "every item, generations of 4": ["budget.evaluations={budget}", "optimizer.popsize=4"],
+    # No endpoints, no fit: each generation a new random sample, its mean the estimate; the best verified.
+    "sample mean": [
+        "budget.evaluations={long_budget}",
+        "estimate.enabled=true",
+        "estimate.estimator=mean",
+        "estimate.anchors={anchors}",
+    ],
+    "sample mean, generations of 4": [
+        "budget.evaluations={long_budget}",
+        "estimate.enabled=true",
+        "estimate.estimator=mean",
+        "estimate.anchors={anchors}",
+        "optimizer.popsize=4",
+    ],
     "lq-CMA-ES": ["budget.evaluations={budget}", "optimizer=lq_cmaes"],
     "IRT + lq-CMA-ES": [
         "budget.evaluations={long_budget}",
@@ -220,7 +234,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=96, help="candidates of the every-item search")
     parser.add_argument("--long-budget", type=int, default=None, help="candidates of the cheaper rows (default 2x)")
-    parser.add_argument("--anchors", type=int, default=100, help="items per candidate: IRT anchors, random subset")
+    parser.add_argument(
+        "--anchors", type=int, default=100, help="items per candidate: IRT anchors, random subset, sample mean"
+    )
     parser.add_argument("--generation-size", type=int, default=8)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="default: every row")
     parser.add_argument("--jobs", type=int, default=1, help="(row, seed) searches run at once, one process each")

@@ -13,7 +13,15 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate import irt
 from evomerge.evaluate.irt import AnchorEstimator
 from evomerge.executor.worker import Outcome
-from evomerge.search.estimate import ESTIMATE_SUFFIX, FIT_FILE, Estimate, Fit, estimator_error
+from evomerge.search.estimate import (
+    ESTIMATE_SUFFIX,
+    FIT_FILE,
+    Estimate,
+    Fit,
+    SampleMean,
+    estimator_error,
+    fitted_estimator,
+)
 from evomerge.search.run_folder import RunFolder
 from tests.test_racing import toy_racing_config
 from tests.test_search_loop import fitness, search
@@ -58,12 +66,14 @@ class PositionScorer:
         self.p_of = p_of
         self.crash_after = crash_after
         self.calls: list[tuple[object, int]] = []  # (candidate, items scored)
+        self.positions: list[list[int]] = []  # the items of each call, in the order asked for
 
     def __call__(self, recipes, subset):
         for position, recipe in enumerate(recipes):
             if self.crash_after is not None and len(self.calls) >= self.crash_after:
                 raise KeyboardInterrupt("simulated kill")
-            values = [answers(self.p_of(recipe))[k] for k in subset.positions]
+            self.positions.append(subset.positions_in(ITEMS))
+            values = [answers(self.p_of(recipe))[k] for k in self.positions[-1]]
             self.calls.append((recipe, len(values)))
             yield position, Outcome(metrics=None, error=None, seconds=0.0, item_values=values, items_total=ITEMS)
 
@@ -71,7 +81,7 @@ class PositionScorer:
 def test_every_candidate_sees_the_anchors_and_the_best_estimate_every_item():
     fitted = estimator()
     scorer = PositionScorer()
-    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fit(refit=False), total=ITEMS)
+    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fit(refit=False))
     outcomes = dict(estimate([0.3, 0.7, 0.45], generation=0))
     k = len(fitted.anchors)
     assert scorer.calls == [(0.3, k), (0.7, k), (0.45, k), (0.7, ITEMS - k)]
@@ -101,10 +111,10 @@ def test_a_verified_best_keeps_its_place_where_its_estimate_was_too_high():
 
     def score(recipes, subset):
         for position, p in enumerate(recipes):
-            values = [answers(overestimated.get(p, p) if k in anchors else p)[k] for k in subset.positions]
+            values = [answers(overestimated.get(p, p) if k in anchors else p)[k] for k in subset.positions_in(ITEMS)]
             yield position, Outcome(metrics=None, error=None, seconds=0.0, item_values=values, items_total=ITEMS)
 
-    outcomes = dict(Estimate(score_items=score, metric="toy/acc", fit=fitted, total=ITEMS)([0.5, 0.6], generation=0))
+    outcomes = dict(Estimate(score_items=score, metric="toy/acc", fit=fitted)([0.5, 0.6], generation=0))
     best, other = outcomes[0].metrics, outcomes[1].metrics
     assert best["toy/acc" + ESTIMATE_SUFFIX] > other["toy/acc" + ESTIMATE_SUFFIX]
     assert best["toy/acc"] < other["toy/acc" + ESTIMATE_SUFFIX]  # its real accuracy is below the other's estimate
@@ -114,36 +124,26 @@ def test_a_verified_best_keeps_its_place_where_its_estimate_was_too_high():
 def test_refit_learns_each_generations_best_one_generation_late():
     fitted = fit(refit=True)
     first = fitted.estimator
-    dict(
-        Estimate(score_items=PositionScorer(), metric="toy/acc", fit=fitted, total=ITEMS)(
-            [P(0.3), P(0.7)], generation=0
-        )
-    )
+    dict(Estimate(score_items=PositionScorer(), metric="toy/acc", fit=fitted)([P(0.3), P(0.7)], generation=0))
     assert fitted.record["learned"] == [{"key": "0.7", "generation": 0, "values": answers(0.7)}]
     again = AnchorEstimator.fit([*ENDPOINTS, answers(0.7)], n_anchors=20, dims=1, seed=0, start=first)
     assert fitted.estimator.state() == again.state() and again.state() != first.state()
     # Generation 1 is scored while that fit runs (on a thread): it is estimated with the one before.
     assert fitted.estimator_for(1).state() == first.state()
     scorer = PositionScorer()
-    outcomes = dict(Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS)([P(0.6)], generation=2))
+    outcomes = dict(Estimate(score_items=scorer, metric="toy/acc", fit=fitted)([P(0.6)], generation=2))
     # Generation 2 is scored on the new fit's anchors: all of them, then every other item.
     assert scorer.calls == [(0.6, len(again.anchors)), (0.6, ITEMS - len(again.anchors))]
     assert outcomes[0].metrics["toy/acc" + ESTIMATE_SUFFIX] == again.estimate([answers(0.6)[a] for a in again.anchors])
     not_refitted = fit(refit=False)
-    dict(
-        Estimate(score_items=PositionScorer(), metric="toy/acc", fit=not_refitted, total=ITEMS)(
-            [0.3, 0.7], generation=0
-        )
-    )
+    dict(Estimate(score_items=PositionScorer(), metric="toy/acc", fit=not_refitted)([0.3, 0.7], generation=0))
     assert not_refitted.record["learned"] == [] and not_refitted.estimator.state() == first.state()
 
 
 def test_a_warmup_generation_is_scored_on_every_item_and_fitted_on():
     fitted = fit(refit=False, warmup=1)
     scorer = PositionScorer()
-    outcomes = dict(
-        Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS)([P(0.3), P(0.6)], generation=0)
-    )
+    outcomes = dict(Estimate(score_items=scorer, metric="toy/acc", fit=fitted)([P(0.3), P(0.6)], generation=0))
     assert scorer.calls == [(0.3, ITEMS), (0.6, ITEMS)]
     assert outcomes[1].metrics == {"toy/acc": sum(answers(0.6)) / ITEMS} and outcomes[1].items_total == ITEMS
     assert [entry["key"] for entry in fitted.record["learned"]] == ["0.3", "0.6"]
@@ -172,7 +172,7 @@ def test_verify_within_skips_the_full_scoring_that_cannot_pay(capsys):
     every item; one within it is verified as always."""
     fitted = fit(refit=False, warmup=1)
     scorer = PositionScorer()
-    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS, verify_within=0.155)
+    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, verify_within=0.155)
     dict(estimate([P(0.3), P(0.75)], generation=0))  # warmup: the best so far is 0.75's accuracy
     best_so_far = sum(answers(0.75)) / ITEMS
     assert fitted.best_verified() == (best_so_far, 0.0)
@@ -195,26 +195,97 @@ def test_verify_within_skips_the_full_scoring_that_cannot_pay(capsys):
     assert scorer.calls == [(0.5, k)]
     assert outcomes[0].metrics["toy/acc"] == outcomes[0].metrics["toy/acc" + ESTIMATE_SUFFIX] + error
     plain = PositionScorer()
-    always = Estimate(score_items=plain, metric="toy/acc", fit=fit(refit=False, warmup=1), total=ITEMS)
+    always = Estimate(score_items=plain, metric="toy/acc", fit=fit(refit=False, warmup=1))
     dict(always([P(0.3), P(0.75)], generation=0))
     plain.calls.clear()
     dict(always([P(0.5)], generation=1))
     assert plain.calls == [(0.5, k), (0.5, ITEMS - k)]  # null, the default: every generation's best is verified
 
 
-def estimated_search(path, scorer, *, refit=False, warmup=0, evaluations=32, verify_within=None):
+def test_the_mean_estimator_draws_one_sample_per_generation_and_verifies_the_best_on_the_rest(tmp_path):
+    """``estimate.estimator=mean``: no endpoints and no fit. A generation's candidates all see the same 20
+    items, drawn again in the next generation; a candidate's estimate is its mean there, and the best one
+    is scored on the other 180 items, told its real accuracy, the others their means shifted by its error."""
+    sample = SampleMean.of(tmp_path, anchors=20, seed=(3, 0))
+    assert json.loads((tmp_path / FIT_FILE).read_text()) == {"estimator": "mean", "items_scored": 0, "verified": []}
+    scorer = PositionScorer()
+    estimate = Estimate(score_items=scorer, metric="toy/acc", fit=sample)
+    outcomes = dict(estimate([P(0.3), P(0.7), P(0.5)], generation=0))
+    assert scorer.calls == [(0.3, 20), (0.7, 20), (0.5, 20), (0.7, ITEMS - 20)]
+    drawn = scorer.positions[0]
+    assert scorer.positions[1] == scorer.positions[2] == drawn and len(set(drawn)) == 20
+    assert sorted(drawn + scorer.positions[3]) == list(range(ITEMS))  # the best: the other items, once each
+    best = outcomes[1]
+    accuracy = sum(answers(0.7)) / ITEMS
+    assert best.metrics["toy/acc"] == accuracy and best.item_values == answers(0.7)  # in item order
+    error = accuracy - sum(answers(0.7)[k] for k in drawn) / 20
+    for i, p in ((0, 0.3), (2, 0.5)):
+        mean = sum(answers(p)[k] for k in drawn) / 20
+        assert outcomes[i].metrics == {"toy/acc": pytest.approx(mean + error), "toy/acc" + ESTIMATE_SUFFIX: mean}
+    assert json.loads((tmp_path / FIT_FILE).read_text())["verified"] == [
+        {"generation": 0, "accuracy": accuracy, "error": pytest.approx(error)}
+    ]
+    scorer.positions.clear()
+    dict(estimate([P(0.3), P(0.7)], generation=1))
+    assert scorer.positions[0] == scorer.positions[1] != drawn  # a new sample for the next generation
+    again = PositionScorer()
+    dict(
+        Estimate(score_items=again, metric="toy/acc", fit=SampleMean.of(tmp_path / "b", anchors=20, seed=(3, 0)))(
+            [P(0.3)], generation=1
+        )
+    )
+    assert again.positions[0] == scorer.positions[0]  # drawn from the run's seed and the generation alone
+
+
+def test_the_mean_estimator_refuses_a_sample_as_large_as_the_task(tmp_path):
+    estimate = Estimate(
+        score_items=PositionScorer(), metric="toy/acc", fit=SampleMean.of(tmp_path, anchors=ITEMS, seed=(0, 0))
+    )
+    with pytest.raises(EvomergeError, match=f"estimate.anchors={ITEMS}, but toy/acc has {ITEMS} items"):
+        dict(estimate([P(0.3)], generation=0))
+
+
+def test_a_run_folder_keeps_the_estimator_it_was_started_with(tmp_path):
+    (tmp_path / "irt").mkdir()
+    fit(refit=False, path=tmp_path / "irt" / FIT_FILE).write()
+    with pytest.raises(EvomergeError, match=r"estimate.estimator=irt, and this run asks for the other"):
+        SampleMean.of(tmp_path / "irt", anchors=20, seed=(0, 0))
+    SampleMean.of(tmp_path, anchors=20, seed=(0, 0))
+    with pytest.raises(EvomergeError, match=r"estimate.estimator=mean, and this run asks for the other"):
+        fitted_estimator(
+            tmp_path, None, "toy/acc", anchors=20, dims=1, seed=0, refit=False, warmup=0, score_models=None
+        )
+
+
+def estimated_search(path, scorer, *, refit=False, warmup=0, evaluations=32, verify_within=None, mean=False):
     path.mkdir(parents=True, exist_ok=True)
-    if (path / FIT_FILE).exists():
+    if mean:
+        fitted = SampleMean.of(path, anchors=20, seed=(0, 0), warmup=warmup)
+    elif (path / FIT_FILE).exists():
         fitted = Fit.read(path, n_anchors=20, dims=1, seed=0, refit=refit, warmup=warmup)
     else:
         fitted = fit(refit=refit, warmup=warmup, path=path / FIT_FILE)
         fitted.write()
-    evaluate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, total=ITEMS, verify_within=verify_within)
+    evaluate = Estimate(score_items=scorer, metric="toy/acc", fit=fitted, verify_within=verify_within)
     return search(path, evaluate, evaluations=evaluations)
 
 
 def p_of(recipe):
     return min(1.0, 1 + fitness(recipe))
+
+
+def test_a_killed_search_on_the_mean_estimator_resumes_to_the_identical_log(tmp_path):
+    straight = PositionScorer(p_of)
+    estimated_search(tmp_path / "straight", straight, mean=True, verify_within=0.1)
+    rows = RunFolder(tmp_path / "straight").read_evaluations()
+    assert {tuple(row["items"]) for row in rows} == {(20, ITEMS), (ITEMS, ITEMS)}
+    record = json.loads((tmp_path / "straight" / FIT_FILE).read_text())
+    with pytest.raises(KeyboardInterrupt):
+        crash = PositionScorer(p_of, crash_after=len(straight.calls) - 3)
+        estimated_search(tmp_path / "crashed", crash, mean=True, verify_within=0.1)
+    estimated_search(tmp_path / "crashed", PositionScorer(p_of), mean=True, verify_within=0.1)
+    assert RunFolder(tmp_path / "crashed").read_evaluations() == rows
+    assert json.loads((tmp_path / "crashed" / FIT_FILE).read_text()) == record
 
 
 @pytest.mark.parametrize("refit", [False, True])
@@ -313,7 +384,7 @@ def test_an_estimated_search_on_the_toy_world(toy_world, tmp_path, capsys):
     best = Recipe.from_plain(state.best.recipe, where="best")
     full = Worker(WorkerSpec(template=best, tasks=task_set(cfg))).evaluate(best)
     assert state.best.metrics["toy_math/acc"] == pytest.approx(full.metrics["toy_math/acc"], abs=1e-12)
-    assert "estimated fitness: |IRT estimate - accuracy on every item|" in capsys.readouterr().out
+    assert "estimated fitness: |estimate - accuracy on every item|" in capsys.readouterr().out
     assert [entry["key"] for entry in fit["learned"]] == [row["key"] for row in rows if row["items"][0] == total]
     resume(run_dir, ["budget.evaluations=8"], force=True)
     again = json.loads((run_dir / FIT_FILE).read_text())
@@ -322,10 +393,36 @@ def test_an_estimated_search_on_the_toy_world(toy_world, tmp_path, capsys):
     assert "scoring" not in capsys.readouterr().out.split("IRT fitted")[0]  # read from the run folder
 
 
+def test_a_search_on_the_mean_estimator_on_the_toy_world(toy_world, tmp_path, capsys):
+    """Through the real worker and lm-eval: nothing is scored before the first candidate, candidates see 8
+    items, and the reported best is scored on every item with lm-eval's own accuracy."""
+    from evomerge.executor.worker import Worker, WorkerSpec
+    from evomerge.recipe.recipe import Recipe
+    from evomerge.search.session import start, task_set
+
+    run_dir = tmp_path / "run"
+    overrides = ["racing.enabled=false", "estimate.enabled=true", "estimate.estimator=mean", "estimate.anchors=8"]
+    cfg = toy_racing_config(toy_world, run_dir, *overrides, "optimizer.popsize=4")
+    state = start(cfg, run_dir)
+    total = sum(1 for _ in (toy_world.tasks_dir / "toy_math" / "test.jsonl").open())
+    out = capsys.readouterr().out
+    assert "on every item of" not in out and "a random sample of 8 items of toy_math/acc" in out
+    rows = RunFolder(run_dir).read_evaluations()
+    assert {tuple(row["items"]) for row in rows} == {(8, total), (total, total)}
+    assert len([row for row in rows if row["items"] == [total, total]]) == len(rows) // 4  # one per generation
+    assert json.loads((run_dir / FIT_FILE).read_text())["items_scored"] == 0
+    assert "estimated fitness: |estimate - accuracy on every item|" in out
+    best = Recipe.from_plain(state.best.recipe, where="best")
+    full = Worker(WorkerSpec(template=best, tasks=task_set(cfg))).evaluate(best)
+    assert state.best.metrics["toy_math/acc"] == pytest.approx(full.metrics["toy_math/acc"], abs=1e-12)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["estimate.anchors=1000"], "estimate.anchors=1000"),
+        (["estimate.estimator=mean", "estimate.anchors=1000"], "estimate.anchors=1000, but toy_math/acc has"),
+        (["estimate.estimator=tiny"], "estimate.estimator=tiny"),
         (["racing.enabled=true"], "racing.enabled=True"),
         (["estimate.anchors=0"], "estimate.anchors"),
         (["estimate.verify_within=1.5"], "estimate.verify_within=1.5"),
@@ -338,7 +435,8 @@ def test_estimated_fitness_refuses_what_it_cannot_estimate(toy_world, tmp_path, 
     overrides = ["racing.enabled=false", "estimate.enabled=true", *extra]
     with pytest.raises(EvomergeError, match=message):
         start(toy_racing_config(toy_world, tmp_path / "run", *overrides), tmp_path / "run")
-    assert not (tmp_path / "run" / FIT_FILE).exists()
+    assert not RunFolder(tmp_path / "run").read_evaluations()
+    assert not (tmp_path / "run" / FIT_FILE).exists() or "estimator=mean" in extra[0]  # the mean's record is empty
 
 
 def test_lm_eval_scores_items_at_given_positions(toy_world):

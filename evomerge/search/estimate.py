@@ -15,6 +15,11 @@ With ``estimate.refit`` (the default) that best is fitted on too, at no cost in 
 best estimate, calibrated by the last verified error, is more than ``verify_within`` below the best
 accuracy scored so far (``Estimate``).
 
+``estimate.estimator=mean`` needs no endpoints and no fit (``SampleMean``): each generation draws its own
+random sample of ``estimate.anchors`` items (from the run's seed), every candidate of it is scored on
+those, and its estimate is their mean (tinyBenchmarks' random-sampling baseline, unbiased); the
+generation's best is scored on the other items as well, as above.
+
 A kill mid-generation logs nothing of that generation, and a kill between two of its rows makes the
 resumed run score it again whole (loop.py), identically.
 """
@@ -22,6 +27,7 @@ resumed run score it again whole (loop.py), identically.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -69,6 +75,8 @@ def fitted_estimator(
     candidates (``executor.gpus_per_worker``), so the driver needs neither a GPU nor room for a model."""
     path = run_dir / FIT_FILE
     if path.exists():
+        if json.loads(path.read_text()).get("estimator") == "mean":
+            raise other_estimator(path, "mean")
         return Fit.read(run_dir, n_anchors=anchors, dims=dims, seed=seed, refit=refit, warmup=warmup)
     models = endpoints(template)
     print(f"evomerge: estimated fitness: scoring {', '.join(models)} on every item of {metric}", flush=True)
@@ -76,19 +84,101 @@ def fitted_estimator(
     for values in score_models(models, ItemSubset(metric=metric)):
         responses.append(values)
         if anchors >= len(responses[0]):
-            raise EvomergeError(
-                f"estimate.anchors={anchors}, but {metric} has {len(responses[0])} items: scoring every candidate "
-                "on that many anchors saves nothing",
-                f"set estimate.anchors below {len(responses[0])} (tinyBenchmarks uses about 100 of 1,000+ items; "
-                "on a task of ~100 items, 10 to 20), or estimate.enabled=false",
-            )
+            raise too_many_anchors(anchors, metric, len(responses[0]))
     fit = Fit.of(responses, n_anchors=anchors, dims=dims, seed=seed, refit=refit, warmup=warmup, path=path)
     fit.record |= {"metric": metric, "models": models, "items_scored": sum(len(row) for row in responses)}
     fit.write()  # a kill while writing leaves no half file: the next start fits again
     return fit
 
 
-class Fit:
+def too_many_anchors(anchors: int, metric: str, total: int) -> EvomergeError:
+    return EvomergeError(
+        f"estimate.anchors={anchors}, but {metric} has {total} items: scoring every candidate on that many "
+        "anchors saves nothing",
+        f"set estimate.anchors below {total} (tinyBenchmarks uses about 100 of 1,000+ items; on a task of "
+        "~100 items, 10 to 20), or estimate.enabled=false",
+    )
+
+
+def other_estimator(path: Path, wrote: str) -> EvomergeError:
+    return EvomergeError(
+        f"{path} was written by estimate.estimator={wrote}, and this run asks for the other estimator: its "
+        "generations so far were estimated and verified that way",
+        f"resume with estimate.estimator={wrote}, or start a new run folder",
+    )
+
+
+class Verified:
+    """What every estimator keeps in the run folder (``irt.json``): each generation's best accuracy on every
+    item and the estimate's error there, which ``Estimate`` calibrates later estimates with and
+    ``estimate.verify_within`` compares them to. A resumed run reads it, and forgets what a generation it
+    scores again had verified, so it decides as the killed run did."""
+
+    def __init__(self, *, path: Path | None, record: dict, warmup: int = 0) -> None:
+        self.path = path
+        self.record = record
+        self.warmup = warmup
+
+    def forget_from(self, generation: int) -> None:
+        """Drop what was verified from ``generation`` on: a killed run scores those generations again."""
+        verified = self.record["verified"]
+        still = [e for e in verified if e["generation"] < generation]
+        if len(still) < len(verified):
+            self.record["verified"] = still
+            self.write()
+
+    def verified(self, generation: int, accuracy: float, error: float | None) -> None:
+        """A generation's best accuracy on every item and, where it was estimated first, the estimate's error
+        (accuracy - estimate): what ``Estimate`` calibrates and compares later estimates with. Written at
+        once, so a resumed run decides as the killed one did."""
+        self.record["verified"].append({"generation": generation, "accuracy": accuracy, "error": error})
+        self.write()
+
+    def best_verified(self) -> tuple[float | None, float]:
+        """The best accuracy on every item so far (None before any) and the latest estimate's error (0 before any)."""
+        verified = self.record["verified"]
+        errors = [e["error"] for e in verified if e["error"] is not None]
+        return max((e["accuracy"] for e in verified), default=None), errors[-1] if errors else 0.0
+
+    def learn(self, generation: int, candidates: list[Candidate], values: list[list[float]]) -> None:
+        """Results on every item of candidates of ``generation``: nothing to learn without a fit."""
+
+    def write(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.record))
+
+
+class SampleMean(Verified):
+    """``estimate.estimator=mean``: a candidate's estimate is its mean on a random sample of the task's items,
+    drawn again for each generation (``ItemSubset.shuffle`` from the run's seed and the generation), the
+    same for every candidate of it. No endpoints are scored and nothing is fitted; a fresh sample each
+    generation keeps the search from adapting to one fixed subset's quirks, as ``tasks.limit`` lets it."""
+
+    def __init__(self, *, path: Path | None, record: dict, anchors: int, seed: tuple[int, ...], warmup: int = 0):
+        super().__init__(path=path, record=record, warmup=warmup)
+        self.anchors = anchors
+        self.seed = seed
+
+    @classmethod
+    def of(cls, run_dir: Path, *, anchors: int, seed: tuple[int, ...], warmup: int = 0) -> SampleMean:
+        """The run's record (``irt.json``) where an earlier start wrote it, else a new one, written now."""
+        path = run_dir / FIT_FILE
+        record = json.loads(path.read_text()) if path.exists() else {"estimator": "mean", "items_scored": 0}
+        if record.get("estimator") != "mean":
+            raise other_estimator(path, "irt")
+        record.setdefault("verified", [])
+        sample = cls(path=path, record=record, anchors=anchors, seed=seed, warmup=warmup)
+        sample.write()
+        return sample
+
+    def subsets(self, generation: int, metric: str) -> tuple[ItemSubset, ItemSubset, Callable[[list[float]], float]]:
+        """This generation's sample, the task's other items, and the estimate: the sample's mean."""
+        draw = (*self.seed, generation)
+        rest = ItemSubset(metric=metric, start=self.anchors, shuffle=draw)
+        return ItemSubset(metric=metric, stop=self.anchors, shuffle=draw), rest, statistics.fmean
+
+
+class Fit(Verified):
     """The IRT models a run's generations are estimated with.
 
     The first is fitted on the endpoints' full results. ``warmup`` generations are then scored on every
@@ -104,11 +194,9 @@ class Fit:
     """
 
     def __init__(self, *, path: Path | None, record: dict, settings: dict, refit: bool, warmup: int = 0) -> None:
-        self.path = path
-        self.record = record
+        super().__init__(path=path, record=record, warmup=warmup)
         self.settings = settings
         self.refit = refit
-        self.warmup = warmup
         self._fits: dict[int, Future] = {}  # by how many learned results each was fitted on
         self._thread = ThreadPoolExecutor(max_workers=1)
 
@@ -150,6 +238,17 @@ class Fit:
         included = sum(1 for e in learned if e["generation"] < self.warmup or e["generation"] <= generation - 2)
         return self._fitted(included)
 
+    def subsets(self, generation: int, metric: str) -> tuple[ItemSubset, ItemSubset, Callable[[list[float]], float]]:
+        """The anchors of the fit this generation is estimated with, the task's other items, and the estimate."""
+        estimator = self.estimator_for(generation)
+        anchors = tuple(int(i) for i in estimator.anchors)
+        rest = tuple(sorted(set(range(len(self.record["responses"][0]))) - set(anchors)))
+        return (
+            ItemSubset(metric=metric, positions=anchors),
+            ItemSubset(metric=metric, positions=rest),
+            estimator.estimate,
+        )
+
     def forget_from(self, generation: int) -> None:
         """Drop what was learned from ``generation`` on: a killed run scores those generations again."""
         learned = self.record["learned"]
@@ -162,19 +261,6 @@ class Fit:
             self._fits = {n: fit for n, fit in self._fits.items() if n <= len(kept)}
             self.write()
 
-    def verified(self, generation: int, accuracy: float, error: float | None) -> None:
-        """A generation's best accuracy on every item and, where it was estimated first, the estimate's error
-        (accuracy - estimate): what ``Estimate`` calibrates and compares later estimates with. Written with
-        the fit, so a resumed run decides as the killed one did."""
-        self.record["verified"].append({"generation": generation, "accuracy": accuracy, "error": error})
-        self.write()
-
-    def best_verified(self) -> tuple[float | None, float]:
-        """The best accuracy on every item so far (None before any) and the latest estimate's error (0 before any)."""
-        verified = self.record["verified"]
-        errors = [e["error"] for e in verified if e["error"] is not None]
-        return max((e["accuracy"] for e in verified), default=None), errors[-1] if errors else 0.0
-
     def learn(self, generation: int, candidates: list[Candidate], values: list[list[float]]) -> None:
         """Results on every item (in item order) of candidates of ``generation``: kept (and written) to fit
         on, where this generation is a warmup one or ``refit`` is on; the next fit starts on a thread."""
@@ -185,10 +271,6 @@ class Fit:
         self.write()
         if generation >= self.warmup:
             self._fitted(len(self.record["learned"]), wait=False)
-
-    def write(self) -> None:
-        if self.path is not None:
-            atomic_write_text(self.path, json.dumps(self.record))
 
     def _fitted(self, count: int, *, wait: bool = True) -> AnchorEstimator | None:
         if count not in self._fits:
@@ -217,12 +299,11 @@ class Estimate:
     replays_whole_generations = True
 
     def __init__(
-        self, *, score_items: ScoreItems, metric: str, fit: Fit, total: int, verify_within: float | None = None
+        self, *, score_items: ScoreItems, metric: str, fit: Fit | SampleMean, verify_within: float | None = None
     ) -> None:
         self.score_items = score_items
         self.metric = metric
         self.fit = fit
-        self.total = total
         self.verify_within = verify_within
 
     def __call__(
@@ -232,11 +313,13 @@ class Estimate:
         if generation < self.fit.warmup:
             yield from self._every_item(recipes, generation)
             return
-        estimator = self.fit.estimator_for(generation)
-        anchors = tuple(int(i) for i in estimator.anchors)
-        rest = tuple(sorted(set(range(self.total)) - set(anchors)))
-        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=anchors)))
-        estimates = {i: estimator.estimate(o.item_values) for i, o in outcomes.items() if o.item_values is not None}
+        anchors, rest, estimate_of = self.fit.subsets(generation, self.metric)
+        outcomes = dict(self.score_items(recipes, anchors))
+        asked = len(anchors.positions) if anchors.positions is not None else anchors.stop
+        for outcome in outcomes.values():  # the mean's sample is drawn without knowing the task's size
+            if outcome.item_values is not None and asked >= outcome.items_total:
+                raise too_many_anchors(asked, self.metric, outcome.items_total)
+        estimates = {i: estimate_of(o.item_values) for i, o in outcomes.items() if o.item_values is not None}
         best_so_far, shift = self.fit.best_verified()
         finished = {}
         best = max(estimates, key=lambda i: (estimates[i], -i)) if estimates else None  # the earliest of equals
@@ -249,14 +332,17 @@ class Estimate:
             )
             best = None
         if best is not None:
-            ((_, others),) = self.score_items([recipes[best]], ItemSubset(metric=self.metric, positions=rest))
+            ((_, others),) = self.score_items([recipes[best]], rest)
             seconds = outcomes[best].seconds + others.seconds
             if others.item_values is None:
                 finished[best] = Outcome(metrics=None, error=others.error, seconds=seconds, worker=others.worker)
             else:
-                values = [0.0] * self.total  # in item order, as the fit's responses are
+                total = others.items_total
+                values = [0.0] * total  # in item order, as the fit's responses are
                 for position, value in zip(
-                    anchors + rest, outcomes[best].item_values + others.item_values, strict=True
+                    anchors.positions_in(total) + rest.positions_in(total),
+                    outcomes[best].item_values + others.item_values,
+                    strict=True,
                 ):
                     values[position] = value
                 self.fit.learn(generation, [recipes[best]], [values])
@@ -290,7 +376,7 @@ class Estimate:
 
     def _every_item(self, recipes: list[Candidate], generation: int) -> Iterator[tuple[int, Outcome]]:
         """A warmup generation: every candidate on every item, each learned by the fit."""
-        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric, positions=tuple(range(self.total)))))
+        outcomes = dict(self.score_items(recipes, ItemSubset(metric=self.metric)))
         scored = [i for i in range(len(recipes)) if outcomes[i].item_values is not None]
         self.fit.learn(generation, [recipes[i] for i in scored], [outcomes[i].item_values for i in scored])
         if scored:
@@ -322,6 +408,6 @@ def describe_error(rows: list[dict], metric: str) -> str | None:
         return None
     mean, largest, count = error
     return (
-        f"estimated fitness: |IRT estimate - accuracy on every item| = {mean:.4f} on average, {largest:.4f} at most, "
+        f"estimated fitness: |estimate - accuracy on every item| = {mean:.4f} on average, {largest:.4f} at most, "
         f"over the {count} candidates scored both ways"
     )

@@ -24,7 +24,7 @@ from evomerge.io.checkpoint import Checkpoint
 from evomerge.io.locate import resolve_model
 from evomerge.materialize.dataflow import open_sources
 from evomerge.recipe.recipe import Recipe, load_recipe
-from evomerge.search.estimate import FIT_FILE, Estimate, describe_error, fitted_estimator
+from evomerge.search.estimate import FIT_FILE, Estimate, Fit, SampleMean, describe_error, fitted_estimator
 from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.loop import Budget, run_search
 from evomerge.search.plots import Plots
@@ -202,44 +202,19 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         )
         metric = next(iter(objectives[0]["terms"]))
         executor = build_executor(cfg.executor, spec, on_worker=lambda started: append_worker(run.path, started))
-        if cfg.estimate.enabled:  # the endpoints are scored on the workers, before any candidate
+        if cfg.estimate.enabled:
             try:
-                fit = fitted_estimator(
-                    run.path,
-                    template,
-                    metric,
-                    anchors=cfg.estimate.anchors,
-                    dims=cfg.estimate.dims,
-                    seed=cfg.estimate.seed,
-                    refit=cfg.estimate.refit,
-                    warmup=cfg.estimate.warmup,
-                    score_models=executor.score_models,
-                )
+                fit = _estimator(cfg, run.path, template, metric, executor)
             except BaseException:
                 executor.close()
                 raise
-            record = fit.record
-            print(
-                f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
-                f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
-                + (f" and {len(record['learned'])} candidates" if fit.refit else "")
-                + (f"; {fit.warmup} generation(s) scored on every item first" if fit.warmup else "")
-                + f"; then each candidate is scored on {len(fit.estimator.anchors)} anchors"
-                + ("; fitted again after each generation on its best" if fit.refit else ""),
-                flush=True,
-            )
         budget = Budget(
             evaluations=cfg.budget.evaluations, wall_time_s=cfg.budget.wall_time_s, fail_fast=cfg.budget.fail_fast
         )
         evaluate = executor.evaluate
         if cfg.estimate.enabled:
-            total = len(fit.record["responses"][0])
             evaluate = Estimate(
-                score_items=executor.evaluate,
-                metric=metric,
-                fit=fit,
-                total=total,
-                verify_within=cfg.estimate.verify_within,
+                score_items=executor.evaluate, metric=metric, fit=fit, verify_within=cfg.estimate.verify_within
             )
         if cfg.racing.enabled:
             evaluate = Race(
@@ -278,6 +253,44 @@ def _drive(cfg: DictConfig, run: RunFolder) -> SearchState:
         for watcher in watchers:
             watcher.close()
         run.close()
+
+
+def _estimator(cfg: DictConfig, run_dir: Path, template, metric: str, executor) -> Fit | SampleMean:
+    """The estimated fitness's state, from the run folder where an earlier start wrote it. An IRT fit
+    scores the endpoints on every item first, on the workers."""
+    estimate = cfg.estimate
+    if estimate.estimator == "mean":
+        warmup = 0 if estimate.warmup is None else estimate.warmup
+        sample = SampleMean.of(run_dir, anchors=estimate.anchors, seed=(cfg.seed, estimate.seed), warmup=warmup)
+        print(
+            f"evomerge: estimated fitness: each candidate is scored on a random sample of {estimate.anchors} items "
+            f"of {metric}, drawn again each generation, and estimated by its mean"
+            + (f"; {warmup} generation(s) scored on every item first" if warmup else ""),
+            flush=True,
+        )
+        return sample
+    fit = fitted_estimator(
+        run_dir,
+        template,
+        metric,
+        anchors=estimate.anchors,
+        dims=estimate.dims,
+        seed=estimate.seed,
+        refit=estimate.refit,
+        warmup=1 if estimate.warmup is None else estimate.warmup,
+        score_models=executor.score_models,
+    )
+    record = fit.record
+    print(
+        f"evomerge: estimated fitness: IRT fitted on {len(record['models'])} models x "
+        f"{len(record['responses'][0])} items of {metric} ({record['items_scored']} items scored, {FIT_FILE})"
+        + (f" and {len(record['learned'])} candidates" if fit.refit else "")
+        + (f"; {fit.warmup} generation(s) scored on every item first" if fit.warmup else "")
+        + f"; then each candidate is scored on {len(fit.estimator.anchors)} anchors"
+        + ("; fitted again after each generation on its best" if fit.refit else ""),
+        flush=True,
+    )
+    return fit
 
 
 def build_executor(
