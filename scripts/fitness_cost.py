@@ -347,7 +347,7 @@ def draw(runs: dict[str, list[dict]], target: float, path: Path, world: str) -> 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+    colours = plt.get_cmap("tab20").colors  # one per row: 20 are more than ROWS holds
     top = max(r["items"] for group in runs.values() for r in group)
     first = min(r["curve"][0][0] for group in runs.values() for r in group if r["curve"])
     grid = sorted({round(first * (top / first) ** (k / 200)) for k in range(201)})
