@@ -346,7 +346,7 @@ def draw(runs: dict[str, list[dict]], target: float, path: Path, world: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    figure, axes = plt.subplots(figsize=(11, 4.5))
     colours = plt.get_cmap("tab20").colors  # one per row: 20 are more than ROWS holds
     top = max(r["items"] for group in runs.values() for r in group)
     first = min(r["curve"][0][0] for group in runs.values() for r in group if r["curve"])
@@ -369,7 +369,7 @@ def draw(runs: dict[str, list[dict]], target: float, path: Path, world: str) -> 
     axes.set_xlabel("items scored so far")
     axes.set_ylabel("held-out score of the best so far")
     axes.set_title(f"Time to quality ({world} world; thin lines: one seed each)")
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the curves, not over them
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
