@@ -250,16 +250,14 @@ class Fit(Verified):
         )
 
     def forget_from(self, generation: int) -> None:
-        """Drop what was learned from ``generation`` on: a killed run scores those generations again."""
+        """Drop what was learned and verified from ``generation`` on: a killed run scores those generations again."""
         learned = self.record["learned"]
         kept = [e for e in learned if e["generation"] < generation]
-        verified = self.record["verified"]
-        still = [e for e in verified if e["generation"] < generation]
-        if len(kept) < len(learned) or len(still) < len(verified):
+        if len(kept) < len(learned):
             self.record["learned"] = kept
-            self.record["verified"] = still
             self._fits = {n: fit for n, fit in self._fits.items() if n <= len(kept)}
             self.write()
+        super().forget_from(generation)
 
     def learn(self, generation: int, candidates: list[Candidate], values: list[list[float]]) -> None:
         """Results on every item (in item order) of candidates of ``generation``: kept (and written) to fit
